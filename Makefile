@@ -1,0 +1,28 @@
+# The two commands: `make demo` runs the main job on the embedded default; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint install clean
+
+$(BIN)/inpaint-worker: pyproject.toml constraints/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints/cpu.txt -e '.[worker,test]'
+	touch $@
+
+install: $(BIN)/inpaint-worker
+
+demo: install
+	$(BIN)/inpaint-worker run --image examples/sample.png --mask examples/sample-mask.png \
+		--prompt "a red barn with a white door" --set seed=7 --set num_inference_steps=20 --out out/demo
+	@echo "wrote out/demo/0.png and out/demo/result.json"
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check worker tests
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,31 @@
+"""Mask preparation: grayscale at the image's size, binarised (white = repaint), optionally grown."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageFilter
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..builtin.normalize import to_rgb
+from ..hooks import hookimpl
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: int = Field(128, ge=1, le=255, description="Gray level from which a pixel is repainted")
+    grow: int = Field(0, ge=0, le=256, description="Pixels to dilate the mask by")
+
+
+def prepare_mask(mask: Image.Image, size: tuple[int, int], options: Options) -> Image.Image:
+    gray = to_rgb(mask).convert("L") if mask.mode != "L" else mask
+    if gray.size != size:  # documented: a mask of another size is stretched to the image's
+        gray = gray.resize(size, Image.Resampling.BILINEAR)
+    binary = gray.point(lambda v: 255 if v >= options.threshold else 0)
+    if options.grow:
+        binary = binary.filter(ImageFilter.MaxFilter(2 * options.grow + 1))
+    return binary
+
+
+@hookimpl(tryfirst=True)
+def inpaint_preprocess(job) -> None:
+    job.mask = prepare_mask(job.mask, job.image.size, job.options("mask"))

@@ -1,0 +1,124 @@
+"""`inpaint-worker`: run one job locally, build the tiny model, list plugins."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidRequest, JobError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inpaint-worker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one job in-process on local files")
+    run.add_argument("--image", help="the image to inpaint (path or data: URL)")
+    run.add_argument("--mask", help="the mask: white is repainted")
+    run.add_argument("--prompt", help="what to paint in the masked area")
+    run.add_argument("--out", default="out", help="directory for the images and result.json (default: out)")
+    run.add_argument("--request", help="a JSON file with the request; flags override its fields")
+    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                     help="any request field; VALUE is parsed as JSON when it can be (repeatable)")
+    run.add_argument("--model", help="model directory or hub id (default: INPAINT_MODEL, else the tiny model)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight Qwen-Image pipeline to DIR")
+    tiny.add_argument("directory")
+
+    plugins = commands.add_parser("plugins", help="list the plugins and the hooks each implements")
+    plugins.add_argument("--json", action="store_true")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return {"run": cmd_run, "tiny-model": cmd_tiny_model, "plugins": cmd_plugins}[args.command](args)
+
+
+def build_request(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = json.loads(Path(args.request).read_text()) if args.request else {}
+    for flag, name in (("image", "image"), ("mask", "mask_image"), ("prompt", "prompt")):
+        if getattr(args, flag) is not None:
+            request[name] = getattr(args, flag)
+    for item in args.set:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise InvalidRequest("--set", f"{item!r} is not FIELD=VALUE")
+        try:
+            request[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            request[name] = raw
+    return request
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import job
+    from .inputs import LocalFetcher
+    from .outputs import DirectorySink
+    from .pipeline import load_model
+    from .plugins import Plugins
+    from .settings import Settings
+
+    settings = Settings(**({"model": args.model} if args.model else {}))
+    try:
+        request = build_request(args)
+        model = load_model(settings)
+        if model.tiny:
+            print(f"note: using the {model.describe()['label']} (set INPAINT_MODEL or --model for a real one)",
+                  file=sys.stderr)
+        plugins = Plugins(blocked=settings.plugins_blocked)
+        reporter = (lambda progress: None) if args.quiet else ProgressBar()
+        result = job.run(request, model=model, plugins=plugins, fetcher=LocalFetcher(settings.data_url_max_bytes),
+                         sink=DirectorySink(args.out), settings=settings, reporter=reporter)
+    except JobError as error:
+        print(json.dumps({"error": error.to_dict()}, indent=2))
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result.model_dump_json(indent=2))
+    return 0
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr over the steps that really run."""
+
+    def __call__(self, progress: Any) -> None:
+        if progress.total_steps:
+            filled = int(30 * progress.step / progress.total_steps)
+            eta = f" eta {progress.eta_s:.1f}s" if progress.eta_s is not None else ""
+            line = (f"[{'#' * filled}{'.' * (30 - filled)}] {progress.step}/{progress.total_steps} "
+                    f"{progress.stage:<14}{eta}")
+        else:
+            line = f"{progress.stage}..."
+        end = "\n" if progress.stage == "uploading" else ""
+        print(f"\r{line:<70}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import TINY_MODEL_LABEL, build_tiny_model
+
+    path = build_tiny_model(args.directory)
+    print(f"wrote the {TINY_MODEL_LABEL} to {path}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import Plugins
+    from .settings import Settings
+
+    plugins = Plugins(blocked=Settings().plugins_blocked)
+    rows = [{"name": name, "status": "active", "hooks": plugins.hooks_of(name)} for name in plugins.names]
+    rows += [{"name": name, "status": "blocked", "hooks": []} for name in plugins.report.blocked]
+    rows += [{"name": name, "status": f"failed: {why}", "hooks": []} for name, why in plugins.report.failed.items()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['name']:<16} {row['status']:<10} {', '.join(row['hooks'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The errors a job can end with: a machine-readable code and a message a person can act on."""
+
+from __future__ import annotations
+
+
+class JobError(Exception):
+    """A job failed for a reason the caller can see; `code` is stable, `message` is for people."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None, plugin: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.plugin = plugin
+
+    def to_dict(self) -> dict:
+        out = {"code": self.code, "message": self.message}
+        if self.field:
+            out["field"] = self.field
+        if self.plugin:
+            out["plugin"] = self.plugin
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidRequest(JobError):
+    code = "invalid_request"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}", field=field)
+
+
+class InputNotFound(JobError):
+    code = "input_not_found"
+
+
+class InputForbidden(JobError):
+    code = "input_forbidden"
+
+
+class Cancelled(JobError):
+    code = "cancelled"
+
+
+class DeadlineExceeded(JobError):
+    code = "deadline_exceeded"
+
+
+class OutOfMemory(JobError):
+    code = "out_of_memory"
+
+
+class PluginError(JobError):
+    code = "plugin_error"
+
+    def __init__(self, plugin: str, hook: str, error: BaseException):
+        super().__init__(
+            f"plugin {plugin!r} raised in {hook}: {type(error).__name__}: {error}", plugin=plugin
+        )
+
+
+class StorageError(JobError):
+    code = "storage_error"
+
+
+class InternalError(JobError):
+    code = "internal"

@@ -1,0 +1,61 @@
+"""The hooks a plugin can implement: the table of contents of what a plugin can do.
+
+Each hook receives keyword arguments; an implementation takes only the ones it needs.
+A plugin that raises fails the job it ran in (`plugin_error`, naming the plugin), except
+that raising a `worker.errors.JobError` (e.g. `Cancelled`) ends the job with that error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT = "inpaint_worker"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def inpaint_pipeline_loaded(pipe: Any, settings: Any) -> None:
+    """Once per worker process, after the pipeline is loaded and before the first job.
+
+    Load LoRA weights, pick an attention backend, compile. Return nothing.
+    """
+
+
+@hookspec
+def inpaint_preprocess(job: Any) -> None:
+    """Before the pipeline runs, in registration order (built-ins first).
+
+    Edit `job.image`, `job.mask` (PIL images) and `job.params` (pipeline keyword arguments,
+    e.g. `height`, `width`) in place. Return nothing.
+    """
+
+
+@hookspec
+def inpaint_step_end(job: Any, step: int, total_steps: int, timestep: Any, latents: Any) -> dict | None:
+    """After each denoising step (bridged from diffusers' `callback_on_step_end`). Keep it cheap.
+
+    `step` counts from 1 to `total_steps` (the steps that really run) for image `job.image_index`;
+    `latents` are the packed latents. Return `{"latents": tensor}` to replace them, or None.
+    """
+
+
+@hookspec
+def inpaint_postprocess(job: Any, images: list) -> list | None:
+    """After the pipeline, once per job with all its images (PIL, or tensors for output_type latent).
+
+    Overlays go here. Return a new list of the same length, or None after editing in place.
+    Plugins run in turn, each seeing the previous one's images.
+    """
+
+
+@hookspec
+def inpaint_job_finished(job: Any, result: Any) -> None:
+    """After the outputs are written; `result` is the `InpaintResult`. Return nothing."""
+
+
+@hookspec
+def inpaint_job_failed(job: Any, error: Any) -> None:
+    """When a job fails; `error` is the `JobError` it ends with. Errors raised here are logged only."""

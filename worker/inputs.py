@@ -1,0 +1,114 @@
+"""Turning references into bytes, images and tensors, with limits on what may be read.
+
+The local runner reads local paths and `data:` URLs; the queue's fetcher (worker.storage)
+adds `s3://` and allowed `https://` hosts. Decoding guards against corrupt files and
+decompression bombs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from .errors import InputForbidden, InputNotFound, InvalidRequest
+
+DATA_URL = re.compile(r"^data:(?P<type>[\w.+/-]*)(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$",
+                      re.S)
+MAX_DECODE_PIXELS = 50_000_000
+
+
+class Fetcher(Protocol):
+    def fetch(self, ref: str, field: str) -> bytes: ...
+
+
+def read_data_url(ref: str, field: str, max_bytes: int) -> bytes:
+    match = DATA_URL.match(ref)
+    if not match:
+        raise InvalidRequest(field, "malformed data: URL; expected data:<type>;base64,<data>")
+    raw = match["data"]
+    if match["b64"]:
+        if len(raw) * 3 // 4 > max_bytes:
+            raise InvalidRequest(field, f"data: URL is over the {max_bytes}-byte cap")
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(field, "data: URL is not valid base64") from None
+    else:
+        from urllib.parse import unquote_to_bytes
+
+        data = unquote_to_bytes(raw)
+    if len(data) > max_bytes:
+        raise InvalidRequest(field, f"data: URL is over the {max_bytes}-byte cap")
+    return data
+
+
+class LocalFetcher:
+    """Local files and `data:` URLs: for `inpaint-worker run` on one machine."""
+
+    def __init__(self, data_url_max_bytes: int):
+        self.data_url_max_bytes = data_url_max_bytes
+
+    def fetch(self, ref: str, field: str) -> bytes:
+        if ref.startswith("data:"):
+            return read_data_url(ref, field, self.data_url_max_bytes)
+        scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", ref)
+        if scheme and scheme[1].lower() != "file":
+            raise InputForbidden(
+                f"{field}: {scheme[1]}:// references are read by the queue worker, not the local runner; "
+                "give a local path or a data: URL", field=field)
+        path = Path(ref.removeprefix("file://")).expanduser()
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise InputNotFound(f"{field}: no file at {path}", field=field) from None
+        except IsADirectoryError:
+            raise InvalidRequest(field, f"{path} is a directory, not a file") from None
+        except PermissionError:
+            raise InputForbidden(f"{field}: cannot read {path}", field=field) from None
+
+
+def decode_image(data: bytes, field: str, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """Decode an image fully, refusing corrupt, empty and oversized ones before they cost memory."""
+    if not data:
+        raise InvalidRequest(field, "the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidRequest(field, f"{width}x{height} pixels is over the decode limit of {max_pixels}")
+            if width == 0 or height == 0:
+                raise InvalidRequest(field, "the image has no pixels")
+            image.load()
+    except InvalidRequest:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidRequest(field, f"image is too large to decode (over {max_pixels} pixels)") from None
+    except Exception as error:  # PIL raises many types for corrupt and truncated files
+        raise InvalidRequest(field, f"not a readable image (PNG, JPEG, WebP): {error}") from None
+    return image
+
+
+def load_tensor(data: bytes, field: str) -> Any:
+    """A tensor parameter from a .safetensors file holding one tensor (or one named like the field)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except (SafetensorError, Exception) as error:
+        raise InvalidRequest(field, f"not a readable .safetensors file: {error}") from None
+    if field in tensors:
+        return tensors[field]
+    if len(tensors) != 1:
+        raise InvalidRequest(field, f"the .safetensors file holds {sorted(tensors)}; give one tensor, "
+                             f"or name it {field!r}")
+    return next(iter(tensors.values()))

@@ -1,0 +1,346 @@
+"""One inpainting job, top to bottom: validate, fetch, preprocess, generate, postprocess, write, result.
+
+The pipeline, plugins, input fetcher, output sink and progress reporter are handed in, so
+the same job runs in `inpaint-worker run` on a laptop and in a Celery worker.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
+from .inputs import Fetcher, decode_image, load_tensor
+from .outputs import CONTENT_TYPES, EXTENSIONS, OutputSink, encode_output
+from .pipeline import LoadedModel, count_prompt_tokens, generator
+from .plugins import JobHooks, Plugins
+from .schema import EffectiveParameters, ImageOutput, InpaintRequest, InpaintResult, Limits, parse_request
+from .settings import Settings
+from .tracking import Reporter, Tracker, no_reporter
+
+log = logging.getLogger(__name__)
+TENSOR_FIELDS = ("masked_image_latents", "latents", "prompt_embeds", "prompt_embeds_mask",
+                 "negative_prompt_embeds", "negative_prompt_embeds_mask")
+PIPELINE_FIELDS = ("height", "width", "padding_mask_crop", "strength", "num_inference_steps", "sigmas",
+                   "true_cfg_scale", "guidance_scale", "attention_kwargs", "max_sequence_length")
+
+
+@dataclass
+class Job:
+    """The mutable context plugins see: edit `image`, `mask` and `params` in preprocess hooks."""
+
+    id: str
+    request: InpaintRequest
+    limits: Limits
+    tracker: Tracker
+    deadline_s: float
+    deadline: float
+    plugin_options: dict[str, Any]
+    plugins: list[str]
+    params: dict[str, Any]
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    items: list[tuple[int, int]] = field(default_factory=list)  # (prompt index, seed) for each output image
+    image_index: int = 0
+    state: dict[str, Any] = field(default_factory=dict)  # scratch space for plugins
+
+    @property
+    def image_count(self) -> int:
+        return len(self.items)
+
+    @property
+    def steps_run(self) -> int:
+        return self.request.steps_run
+
+    @property
+    def true_cfg(self) -> bool:
+        """True CFG runs only with true_cfg_scale > 1 and a negative prompt: upstream is silent otherwise."""
+        negative = self.request.negative_prompt is not None or self.request.negative_prompt_embeds is not None
+        return self.request.true_cfg_scale > 1 and negative
+
+    def options(self, plugin: str) -> Any:
+        """This job's validated options for `plugin` (its `Options` model, defaults filled in)."""
+        return self.plugin_options[plugin]
+
+
+def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins, fetcher: Fetcher,
+        sink: OutputSink, settings: Settings, reporter: Reporter = no_reporter,
+        job_id: str | None = None) -> InpaintResult:
+    """Run one job to the end; raise a `JobError` (with its code) if it fails."""
+    job = start(parse_request(request), model, plugins, settings, Tracker(reporter, settings.progress_interval_s),
+                job_id)
+    hooks = plugins.for_job([name for name, on in job.request.plugins.items() if on is False])
+    try:
+        job.tracker.enter("fetching")
+        load_inputs(job, fetcher)
+        job.tracker.enter("preprocessing")
+        hooks.call("inpaint_preprocess", job=job)
+        check_ready(job, model)
+        images = generate(job, model, hooks)
+        job.tracker.enter("postprocessing")
+        images = hooks.chain("inpaint_postprocess", "images", images, job=job)
+        job.tracker.enter("uploading")
+        result = write_outputs(job, model, images, sink)
+        hooks.call("inpaint_job_finished", job=job, result=result)
+        return result
+    except Exception as raised:
+        error = as_job_error(raised, model)
+        notify_failed(hooks, job, error)
+        raise error from raised
+
+
+def start(request: InpaintRequest, model: LoadedModel, plugins: Plugins, settings: Settings, tracker: Tracker,
+          job_id: str | None) -> Job:
+    limits = Limits(settings.max_pixels, settings.max_steps, settings.max_images, settings.max_deadline_s,
+                    model.size_factor)
+    limits.check(request)
+    options = plugins.check_options(request.plugins)
+    for name in plugins.names:  # every active plugin gets its options object, defaults filled in
+        model_cls = getattr(plugins.pm.get_plugin(name), "Options", None)
+        if name not in options and model_cls is not None:
+            options[name] = model_cls()
+    deadline_s = request.deadline_s or settings.max_deadline_s
+    params = {name: getattr(request, name) for name in PIPELINE_FIELDS}
+    return Job(id=job_id or request.job_id or uuid.uuid4().hex, request=request, limits=limits, tracker=tracker,
+               deadline_s=deadline_s, deadline=tracker.started + deadline_s, plugin_options=options,
+               plugins=[name for name in plugins.names if request.plugin_enabled(name)], params=params)
+
+
+def load_inputs(job: Job, fetcher: Fetcher) -> None:
+    job.image = decode_image(fetcher.fetch(job.request.image, "image"), "image")
+    job.mask = decode_image(fetcher.fetch(job.request.mask_image, "mask_image"), "mask_image")
+    for name in TENSOR_FIELDS:
+        ref = getattr(job.request, name)
+        if ref is not None:
+            job.tensors[name] = load_tensor(fetcher.fetch(ref, name), name)
+
+
+def check_ready(job: Job, model: LoadedModel) -> None:
+    """What can only be checked once inputs are loaded and preprocessed, before any GPU time is spent."""
+    request, width, height = job.request, job.params["width"], job.params["height"]
+    job.limits.check_size(width, height)
+    for name, value in (("width", width), ("height", height)):
+        if value % model.size_factor:
+            raise InvalidRequest(name, f"{value} is not a multiple of {model.size_factor} (the model's size factor)")
+    if job.image.mode != "RGB":
+        raise InvalidRequest("image", f"mode {job.image.mode} reached the pipeline; the normalize plugin converts "
+                             "to RGB (is it blocked?)")
+    if not job.mask.convert("L").getbbox():
+        raise InvalidRequest("mask_image", "the mask is empty (all black): nothing to repaint; white marks the area "
+                             "to repaint")
+    for name in ("prompt", "negative_prompt"):
+        value = getattr(request, name)
+        for text in [value] if isinstance(value, str) else value or []:
+            tokens = count_prompt_tokens(model, text)
+            if tokens > request.max_sequence_length:
+                raise InvalidRequest(name, f"is {tokens} tokens, over max_sequence_length "
+                                     f"({request.max_sequence_length}); shorten it or raise max_sequence_length "
+                                     "(at most 1024)")
+    prompts = check_tensors(job, model)
+    job.items = plan_images(request, prompts)
+    job.limits.check(request.model_copy(update={"num_images_per_prompt": len(job.items)}))
+
+
+def check_tensors(job: Job, model: LoadedModel) -> int:
+    """Check each tensor's shape and dtype, cast it for the model; return the number of prompts."""
+    t, request = job.tensors, job.request
+    prompts = request.prompt_count
+    dim = model.pipe.transformer.config.joint_attention_dim
+    height, width = job.params["height"], job.params["width"]
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        if name in t:
+            if t[name].dim() != 3 or t[name].shape[-1] != dim or not t[name].is_floating_point():
+                raise InvalidRequest(name, f"shape {list(t[name].shape)} {t[name].dtype}; expected a float tensor "
+                                     f"[prompts, tokens, {dim}]")
+            t[name] = t[name].to(model.device, model.dtype)
+    if "prompt_embeds" in t:
+        prompts = t["prompt_embeds"].shape[0]
+    for name, embeds in (("prompt_embeds_mask", "prompt_embeds"),
+                         ("negative_prompt_embeds_mask", "negative_prompt_embeds")):
+        if name in t:
+            if list(t[name].shape) != list(t[embeds].shape[:2]) or t[name].is_floating_point():
+                raise InvalidRequest(name, f"shape {list(t[name].shape)} {t[name].dtype}; expected an integer "
+                                     f"tensor {list(t[embeds].shape[:2])} (1 = token, 0 = padding)")
+            t[name] = t[name].to(model.device, torch.long)
+    negatives = t["negative_prompt_embeds"].shape[0] if "negative_prompt_embeds" in t else 1
+    if negatives not in (1, prompts):
+        raise InvalidRequest("negative_prompt_embeds", f"has {negatives} rows for {prompts} prompts")
+    factor = model.pipe.vae_scale_factor
+    if "latents" in t:
+        expected = [(height // factor // 2) * (width // factor // 2), model.latent_channels * 4]
+        if t["latents"].dim() != 3 or list(t["latents"].shape[1:]) != expected:
+            raise InvalidRequest("latents", f"shape {list(t['latents'].shape)}; expected packed latents "
+                                 f"[1 or images, {expected[0]}, {expected[1]}] for {width}x{height}")
+    if "masked_image_latents" in t:
+        m = t["masked_image_latents"]
+        expected = (model.latent_channels, height // factor, width // factor)
+        if m.dim() not in (4, 5) or m.shape[0] != 1 or (m.shape[1], m.shape[-2], m.shape[-1]) != expected:
+            raise InvalidRequest("masked_image_latents", f"shape {list(m.shape)}; expected [1, {expected[0]}, "
+                                 f"(1,) {expected[1]}, {expected[2]}] for {width}x{height}")
+    for name in ("latents", "masked_image_latents"):
+        if name in t:
+            if not t[name].is_floating_point():
+                raise InvalidRequest(name, f"dtype {t[name].dtype}; expected a float tensor")
+            t[name] = t[name].to(model.device, model.dtype)
+    return prompts
+
+
+def plan_images(request: InpaintRequest, prompts: int) -> list[tuple[int, int]]:
+    """One (prompt index, seed) per output image: image k of a job gets seed k of `seed`, or seed + k."""
+    count = prompts * request.num_images_per_prompt
+    if isinstance(request.seed, list):
+        if len(request.seed) != count:
+            raise InvalidRequest("seed", f"has {len(request.seed)} seeds for {count} images; give one int or one "
+                                 "seed per image")
+        seeds = request.seed
+    else:
+        base = request.seed if request.seed is not None else random.SystemRandom().randrange(2**62)
+        seeds = [base + k for k in range(count)]
+    return [(k // request.num_images_per_prompt, seeds[k]) for k in range(count)]
+
+
+def generate(job: Job, model: LoadedModel, hooks: JobHooks) -> list[Any]:
+    """One pipeline call per image, each exactly what that (prompt, seed) gives alone.
+
+    Upstream's batched path pairs prompt masks with the wrong prompts when prompts differ
+    in length, and shares one VAE sample across generators; one call per image avoids both,
+    and costs little on a GPU that one 1024x1024 image already fills.
+    """
+    marker = model.pipe.transformer.register_forward_pre_hook(lambda *_: job.tracker.enter("denoising"))
+    try:
+        outputs = []
+        for index, (prompt_index, seed) in enumerate(job.items):
+            job.image_index = index
+            job.tracker.enter("encoding")
+            result = model.pipe(**pipeline_kwargs(job, prompt_index, seed),
+                                callback_on_step_end=step_callback(job, hooks),
+                                callback_on_step_end_tensor_inputs=["latents"])
+            outputs.extend(result.images)
+        return outputs
+    finally:
+        marker.remove()
+
+
+def pipeline_kwargs(job: Job, prompt_index: int, seed: int) -> dict[str, Any]:
+    request, t = job.request, job.tensors
+    kwargs = dict(job.params, image=job.image, mask_image=job.mask, generator=generator(seed),
+                  num_images_per_prompt=1, output_type="latent" if request.output_type == "latent" else "pil")
+    if "prompt_embeds" in t:
+        kwargs["prompt_embeds"] = t["prompt_embeds"][prompt_index:prompt_index + 1]
+        if "prompt_embeds_mask" in t:
+            kwargs["prompt_embeds_mask"] = t["prompt_embeds_mask"][prompt_index:prompt_index + 1]
+    else:
+        kwargs["prompt"] = pick(request.prompt, prompt_index)
+    if "negative_prompt_embeds" in t:
+        row = prompt_index if t["negative_prompt_embeds"].shape[0] > 1 else 0
+        kwargs["negative_prompt_embeds"] = t["negative_prompt_embeds"][row:row + 1]
+        if "negative_prompt_embeds_mask" in t:
+            kwargs["negative_prompt_embeds_mask"] = t["negative_prompt_embeds_mask"][row:row + 1]
+    elif request.negative_prompt is not None:
+        kwargs["negative_prompt"] = pick(request.negative_prompt, prompt_index)
+    if "latents" in t:
+        row = job.image_index if t["latents"].shape[0] > 1 else 0
+        kwargs["latents"] = t["latents"][row:row + 1]
+    if "masked_image_latents" in t:
+        kwargs["masked_image_latents"] = t["masked_image_latents"]
+    return kwargs
+
+
+def pick(value: str | list[str], index: int) -> str:
+    return value[index] if isinstance(value, list) else value
+
+
+def step_callback(job: Job, hooks: JobHooks):
+    """Bridge diffusers' `callback_on_step_end` to the `inpaint_step_end` hook."""
+    total = job.steps_run
+
+    def on_step_end(pipe: Any, i: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        for replacement in hooks.call("inpaint_step_end", job=job, step=i + 1, total_steps=total,
+                                      timestep=timestep, latents=tensors["latents"]):
+            tensors.update(replacement)
+        if i + 1 == total:
+            job.tracker.enter("decoding")
+        return tensors
+
+    return on_step_end
+
+
+def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputSink) -> InpaintResult:
+    request = job.request
+    if len(images) != job.image_count:
+        raise InternalError(f"postprocess hooks returned {len(images)} images for {job.image_count}")
+    outputs = []
+    for index, (image, (prompt_index, seed)) in enumerate(zip(images, job.items)):
+        data = encode_output(image, request.output_type, request.output.quality)
+        location, url = sink.put(f"{index}.{EXTENSIONS[request.output_type]}", data,
+                                 CONTENT_TYPES[request.output_type])
+        size = image.size if isinstance(image, Image.Image) else (None, None)
+        outputs.append(ImageOutput(index=index, location=location, url=url,
+                                   content_type=CONTENT_TYPES[request.output_type], width=size[0],
+                                   height=size[1], seed=seed, prompt_index=prompt_index))
+    result = InpaintResult(
+        job_id=job.id,
+        images=outputs,
+        parameters=EffectiveParameters(
+            width=job.params["width"], height=job.params["height"],
+            num_inference_steps=request.num_inference_steps, strength=request.strength,
+            steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=request.true_cfg_scale,
+            padding_mask_crop=request.padding_mask_crop, images=len(outputs), seeds=[s for _, s in job.items],
+            output_type=request.output_type, plugins=job.plugins),
+        timings=job.tracker.finish(),
+        model=model.describe(),
+        worker={"host": socket.gethostname(), "device": str(model.device), "versions": versions()},
+    )
+    record = {**result.model_dump(mode="json"), "request": redacted(request)}
+    sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])
+    return result
+
+
+def redacted(request: InpaintRequest) -> dict[str, Any]:
+    """The request for the record: data: URLs shortened to their size (they can be megabytes)."""
+    record = request.model_dump(mode="json", exclude_none=True)
+    for name, value in record.items():
+        if isinstance(value, str) and value.startswith("data:"):
+            record[name] = f"{value.split(',', 1)[0]},... ({len(value)} characters)"
+    return record
+
+
+def versions() -> dict[str, str]:
+    return {name: version(dist) for name, dist in
+            (("worker", "qwen-inpaint-worker"), ("diffusers", "diffusers"), ("torch", "torch"))}
+
+
+def as_job_error(error: BaseException, model: LoadedModel) -> JobError:
+    if isinstance(error, JobError):
+        return error
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+        free_memory(model)
+        return OutOfMemory(f"the accelerator ran out of memory: {str(error).splitlines()[0][:300]}; "
+                           "try a smaller size, fewer images or an offload mode")
+    log.exception("job failed with an unexpected error")
+    return InternalError(f"{type(error).__name__}: {error}")
+
+
+def free_memory(model: LoadedModel) -> None:
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def notify_failed(hooks: JobHooks, job: Job, error: JobError) -> None:
+    try:
+        hooks.call("inpaint_job_failed", job=job, error=error)
+    except Exception:  # a failing failure hook must not hide the job's own error
+        log.exception("an inpaint_job_failed hook raised")

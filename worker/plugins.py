@@ -1,0 +1,170 @@
+"""The plugin manager: built-in plugins and installed ones (entry-point group `inpaint_worker`), alike."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hooks
+from .errors import InvalidRequest, JobError, PluginError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "inpaint_worker"
+DEFAULT_PLUGINS = (
+    "worker.builtin.normalize",
+    "worker.builtin.mask",
+    "worker.builtin.deadline",
+    "worker.builtin.progress",
+    "worker.builtin.paste_back",
+)
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def builtin_name(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+class Plugins:
+    """Holds the registered plugins and calls hooks, naming the plugin when one raises."""
+
+    def __init__(self, blocked: Iterable[str] = (), load_entry_points: bool = True,
+                 builtins: Iterable[str] = DEFAULT_PLUGINS):
+        self.pm = pluggy.PluginManager(hooks.PROJECT)
+        self.pm.add_hookspecs(hooks)
+        self.blocked = set(blocked)
+        self.report = LoadReport()
+        for module in builtins:
+            self._register_module(builtin_name(module), module)
+        if load_entry_points:
+            self._load_entry_points()
+
+    def _register_module(self, name: str, module: str) -> None:
+        if name in self.blocked:
+            self.report.blocked.append(name)
+            return
+        try:
+            self.pm.register(importlib.import_module(module), name=name)
+            self.report.loaded.append(name)
+        except Exception as error:  # a broken plugin never stops the worker
+            self._skip(name, error)
+
+    def _load_entry_points(self) -> None:
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            if entry.name in self.blocked:
+                self.report.blocked.append(entry.name)
+                continue
+            if self.pm.has_plugin(entry.name):
+                self._skip(entry.name, RuntimeError("a plugin of that name is already registered"))
+                continue
+            try:
+                self.pm.register(entry.load(), name=entry.name)
+                self.report.loaded.append(entry.name)
+            except Exception as error:
+                self._skip(entry.name, error)
+
+    def _skip(self, name: str, error: BaseException) -> None:
+        self.report.failed[name] = f"{type(error).__name__}: {error}"
+        log.error("plugin %r failed to load and is skipped: %s", name, self.report.failed[name])
+
+    def register(self, plugin: Any, name: str) -> None:
+        """Register a plugin object directly (tests, embedding applications)."""
+        if name in self.blocked:
+            self.report.blocked.append(name)
+            return
+        self.pm.register(plugin, name=name)
+        self.report.loaded.append(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.pm.list_name_plugin()]
+
+    def hooks_of(self, name: str) -> list[str]:
+        plugin = self.pm.get_plugin(name)
+        return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Validate a request's `plugins` field: known names, and options each plugin's `Options` model accepts."""
+        validated = {}
+        for name, value in options.items():
+            plugin = self.pm.get_plugin(name)
+            if plugin is None:
+                raise InvalidRequest(f"plugins.{name}", f"no plugin of that name is active; active: {self.names}")
+            model = getattr(plugin, "Options", None)
+            if value is False or model is None:
+                validated[name] = value
+                continue
+            try:
+                validated[name] = model.model_validate(value if isinstance(value, dict) else {})
+            except Exception as error:  # pydantic's ValidationError
+                raise InvalidRequest(f"plugins.{name}", _first_line(error)) from None
+        return validated
+
+    def for_job(self, disabled: Iterable[str]) -> JobHooks:
+        return JobHooks(self, [self.pm.get_plugin(n) for n in disabled if self.pm.get_plugin(n) is not None])
+
+
+class JobHooks:
+    """The hooks as one job sees them: without the plugins the request turned off.
+
+    Implementations run in registration order (built-ins first, then installed plugins),
+    `tryfirst`/`trylast` moving them to the front or back; each is called on its own so
+    an error names its plugin.
+    """
+
+    def __init__(self, plugins: Plugins, removed: list[Any]):
+        self.plugins = plugins
+        self.removed = removed
+
+    def _impls(self, name: str) -> list[Any]:
+        impls = getattr(self.plugins.pm.hook, name).get_hookimpls()
+        impls = [i for i in impls if i.plugin not in self.removed]
+        return sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1)
+
+    def call(self, name: str, **kwargs: Any) -> list:
+        """Call every implementation; return what they returned, Nones left out."""
+        results = []
+        for impl in self._impls(name):
+            returned = self._call_one(impl, name, kwargs)
+            if returned is not None:
+                results.append(returned)
+        return results
+
+    def chain(self, name: str, key: str, value: Any, **kwargs: Any) -> Any:
+        """Call each implementation with `key=value`; a non-None return replaces the value for the next."""
+        for impl in self._impls(name):
+            returned = self._call_one(impl, name, {**kwargs, key: value})
+            if returned is not None:
+                value = returned
+        return value
+
+    @staticmethod
+    def _call_one(impl: Any, name: str, kwargs: dict[str, Any]) -> Any:
+        try:
+            return impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+        except JobError:
+            raise
+        except Exception as error:
+            raise PluginError(impl.plugin_name, name, error) from error
+
+
+def _first_line(error: Exception) -> str:
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in errors()
+        )
+    return str(error)

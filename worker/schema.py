@@ -1,0 +1,307 @@
+"""The request a web backend sends, the result it gets back, and the progress in between: JSON only.
+
+Field names are `QwenImageInpaintPipeline.__call__`'s own, with its defaults; `seed` stands
+for `generator` and `output_type` is the file format. Images and tensors are references
+(`data:` URLs, `s3://bucket/key`, allowed `https://` hosts, local paths in the local runner).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidRequest
+
+OutputType = Literal["png", "jpeg", "webp", "latent"]
+Stage = Literal["queued", "fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
+                "uploading"]
+ATTENTION_KWARGS_ALLOWED = {"scale"}
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class OutputOptions(BaseModel):
+    """Where and how results are written (the bucket and prefix apply to the queue's S3 sink)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str | None = None
+    prefix: str = Field("jobs", pattern=r"^[A-Za-z0-9_./-]{0,200}$")
+    quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
+
+
+class InpaintRequest(BaseModel):
+    """One inpainting job. Unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None
+    true_cfg_scale: float = Field(4.0, ge=0)
+    image: str | list[str] = Field(..., description="Reference to the image, or one per prompt")
+    mask_image: str | list[str] = Field(..., description="Reference to the mask (white = repaint), or one per prompt")
+    masked_image_latents: str | None = None
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    padding_mask_crop: int | None = Field(None, gt=0)
+    strength: float = Field(0.6, gt=0, le=1)
+    num_inference_steps: int = Field(50, ge=1)
+    sigmas: list[float] | None = None
+    guidance_scale: float | None = None
+    num_images_per_prompt: int = Field(1, ge=1)
+    seed: int | list[int] | None = None
+    latents: str | None = None
+    prompt_embeds: str | None = None
+    prompt_embeds_mask: str | None = None
+    negative_prompt_embeds: str | None = None
+    negative_prompt_embeds_mask: str | None = None
+    output_type: OutputType = "png"
+    attention_kwargs: dict[str, Any] | None = None
+    max_sequence_length: int = Field(512, ge=1, le=1024)
+
+    job_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    plugins: dict[str, bool | dict[str, Any]] = Field(
+        default_factory=dict, description="Options by plugin name; false turns that plugin off for this job"
+    )
+    deadline_s: float | None = Field(None, gt=0)
+
+    @field_validator("padding_mask_crop", mode="before")
+    @classmethod
+    def _no_zero_crop(cls, value: object) -> object:
+        if value == 0:
+            raise ValueError(
+                "0 would still crop to the mask's bounding box with no margin; "
+                "use null for no cropping or a margin in pixels (> 0)"
+            )
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int | list[int] | None) -> int | list[int] | None:
+        for seed in [value] if isinstance(value, int) else value or []:
+            if not 0 <= seed < 2**63:
+                raise ValueError(f"each seed must be in [0, 2**63), got {seed}")
+        return value
+
+    @field_validator("sigmas")
+    @classmethod
+    def _sigmas_decreasing(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must not be empty")
+        if any(not 0 < s <= 1 for s in value):
+            raise ValueError("each sigma must be in (0, 1]")
+        if any(a <= b for a, b in zip(value, value[1:])):
+            raise ValueError("must be strictly decreasing")
+        return value
+
+    @field_validator("attention_kwargs")
+    @classmethod
+    def _attention_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        unknown = set(value or {}) - ATTENTION_KWARGS_ALLOWED
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(ATTENTION_KWARGS_ALLOWED)}")
+        if value and not isinstance(value.get("scale", 1.0), int | float):
+            raise ValueError("scale (the LoRA scale) must be a number")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InpaintRequest:
+        if (self.prompt is None) == (self.prompt_embeds is None):
+            raise _field_error("prompt", "give exactly one of prompt or prompt_embeds")
+        if self.negative_prompt is not None and self.negative_prompt_embeds is not None:
+            raise _field_error("negative_prompt", "give at most one of negative_prompt or negative_prompt_embeds")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise _field_error("prompt", "the list of prompts is empty")
+        for name in ("prompt_embeds_mask",):
+            if getattr(self, name) is not None and self.prompt_embeds is None:
+                raise _field_error(name, "needs prompt_embeds")
+        if self.negative_prompt_embeds_mask is not None and self.negative_prompt_embeds is None:
+            raise _field_error("negative_prompt_embeds_mask", "needs negative_prompt_embeds")
+        prompts = len(self.prompt) if isinstance(self.prompt, list) else 1
+        if isinstance(self.negative_prompt, list) and len(self.negative_prompt) != prompts:
+            raise _field_error(
+                "negative_prompt", f"has {len(self.negative_prompt)} entries for {prompts} prompts; give one each"
+            )
+        for name in ("image", "mask_image"):
+            refs = getattr(self, name)
+            if isinstance(refs, list) and len(refs) not in (1, prompts) and self.prompt is not None:
+                raise _field_error(name, f"has {len(refs)} entries for {prompts} prompts; give one, or one each")
+            if isinstance(refs, list) and not refs:
+                raise _field_error(name, "the list is empty")
+        if isinstance(self.seed, list) and self.prompt is not None and len(self.seed) != self.image_count:
+            raise _field_error(
+                "seed", f"has {len(self.seed)} seeds for {self.image_count} images "
+                "(prompts x num_images_per_prompt); give one int or one seed per image"
+            )
+        if self.sigmas is not None and len(self.sigmas) != self.num_inference_steps:
+            raise _field_error(
+                "sigmas", f"has {len(self.sigmas)} values but num_inference_steps is {self.num_inference_steps}; "
+                "give one sigma per step"
+            )
+        if self.steps_run < 1:
+            raise _field_error(
+                "strength", f"{self.strength} x {self.num_inference_steps} steps leaves no step to run; "
+                f"raise strength to at least {1 / self.num_inference_steps:.4g} or add steps"
+            )
+        if self.padding_mask_crop is not None and self.output_type == "latent":
+            raise _field_error("padding_mask_crop", "cannot be used with output_type 'latent' (it pastes images)")
+        return self
+
+    @property
+    def prompt_count(self) -> int:
+        if isinstance(self.prompt, list):
+            return len(self.prompt)
+        return 1 if self.prompt is not None else 0
+
+    @property
+    def image_count(self) -> int:
+        """Images the job makes; with prompt_embeds the count is known once the tensor is loaded."""
+        return max(self.prompt_count, 1) * self.num_images_per_prompt
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps that really run, computed exactly as the pipeline trims the schedule."""
+        n = self.num_inference_steps
+        return n - int(max(n - min(n * self.strength, n), 0))
+
+    def plugin_enabled(self, name: str) -> bool:
+        return self.plugins.get(name, True) is not False
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        options = self.plugins.get(name)
+        return options if isinstance(options, dict) else {}
+
+
+def _field_error(field: str, message: str) -> ValueError:
+    return ValueError(f"[{field}] {message}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a worker allows; checked against a request once the model is known."""
+
+    max_pixels: int
+    max_steps: int
+    max_images: int
+    max_deadline_s: float
+    size_factor: int
+
+    def check(self, request: InpaintRequest) -> None:
+        if request.num_inference_steps > self.max_steps:
+            raise InvalidRequest(
+                "num_inference_steps", f"{request.num_inference_steps} is over this worker's cap of {self.max_steps}"
+            )
+        if request.image_count > self.max_images:
+            raise InvalidRequest(
+                "num_images_per_prompt",
+                f"the job would make {request.image_count} images; this worker allows at most {self.max_images}",
+            )
+        if request.deadline_s is not None and request.deadline_s > self.max_deadline_s:
+            raise InvalidRequest("deadline_s", f"{request.deadline_s} is over this worker's cap of "
+                                 f"{self.max_deadline_s} s")
+        for name in ("height", "width"):
+            value = getattr(request, name)
+            if value is not None and value % self.size_factor:
+                raise InvalidRequest(
+                    name, f"{value} is not a multiple of {self.size_factor} (the model's size factor); "
+                    f"try {max(self.size_factor, round(value / self.size_factor) * self.size_factor)}"
+                )
+
+    def check_size(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise InvalidRequest(
+                "height", f"{width}x{height} is {width * height} pixels, over this worker's budget of "
+                f"{self.max_pixels}"
+            )
+
+    def default_size(self, width: int, height: int) -> tuple[int, int]:
+        """The input's own size, scaled down to the pixel budget and rounded down to the size factor."""
+        scale = min(1.0, math.sqrt(self.max_pixels / (width * height)))
+        f = self.size_factor
+        return max(f, int(width * scale) // f * f), max(f, int(height * scale) // f * f)
+
+
+def parse_request(data: dict | InpaintRequest) -> InpaintRequest:
+    """Validate a request; any problem becomes an `InvalidRequest` naming the field and what is allowed."""
+    if isinstance(data, InpaintRequest):
+        return data
+    if not isinstance(data, dict):
+        raise InvalidRequest("request", f"must be a JSON object, got {type(data).__name__}")
+    try:
+        return InpaintRequest.model_validate(data)
+    except ValidationError as error:
+        raise InvalidRequest(*_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
+    problems, first_field = [], None
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "request"
+        message = item["msg"].removeprefix("Value error, ")
+        named = re.match(r"^\[([\w.]+)\] (.*)$", message, re.S)
+        if named:
+            field, message = named.groups()
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; see InpaintRequest for the fields a job takes"
+        elif item["type"].startswith(("int_", "float_", "string_", "bool_", "list_", "dict_", "literal_")):
+            message = f"{message} (got {item.get('input')!r:.80})"
+        first_field = first_field or field
+        problems.append(message if len(problems) == 0 else f"{field}: {message}")
+    return first_field, "; ".join(problems)
+
+
+class Progress(BaseModel):
+    """The small meta a running job reports (state PROGRESS in the queue)."""
+
+    stage: Stage
+    step: int = 0
+    total_steps: int = 0
+    image: int = 0
+    images: int = 1
+    percent: float = 0.0
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    preview: str | None = None
+
+
+class ImageOutput(BaseModel):
+    index: int
+    location: str
+    url: str | None = None
+    content_type: str
+    width: int | None = None
+    height: int | None = None
+    seed: int
+    prompt_index: int
+
+
+class EffectiveParameters(BaseModel):
+    """What really ran, which is not always what was asked (true CFG silently off, trimmed steps)."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    strength: float
+    steps_run: int
+    true_cfg: bool
+    true_cfg_scale: float
+    padding_mask_crop: int | None
+    images: int
+    seeds: list[int]
+    output_type: OutputType
+    plugins: list[str]
+
+
+class InpaintResult(BaseModel):
+    job_id: str
+    images: list[ImageOutput]
+    parameters: EffectiveParameters
+    timings: dict[str, float]
+    model: dict[str, Any]
+    worker: dict[str, Any] = Field(default_factory=dict)
