@@ -227,7 +227,8 @@ def generate(job: Job, model: LoadedModel, hooks: JobHooks) -> list[Any]:
             result = model.pipe(**pipeline_kwargs(job, prompt_index, seed),
                                 callback_on_step_end=step_callback(job, hooks),
                                 callback_on_step_end_tensor_inputs=["latents"])
-            outputs.extend(result.images)
+            images = result.images  # PIL images, or a tensor of packed latents for output_type latent
+            outputs.extend(images.split(1) if isinstance(images, torch.Tensor) else images)
         return outputs
     finally:
         marker.remove()
