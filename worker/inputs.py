@@ -34,7 +34,7 @@ def read_data_url(ref: str, field: str, max_bytes: int) -> bytes:
         raise InvalidRequest(field, "malformed data: URL; expected data:<type>;base64,<data>")
     raw = match["data"]
     if match["b64"]:
-        if len(raw) * 3 // 4 > max_bytes:
+        if len(raw.rstrip("=")) * 3 // 4 > max_bytes:  # a cheap bound before decoding
             raise InvalidRequest(field, f"data: URL is over the {max_bytes}-byte cap")
         try:
             data = base64.b64decode(raw, validate=True)
@@ -63,7 +63,7 @@ class LocalFetcher:
             raise InputForbidden(
                 f"{field}: {scheme[1]}:// references are read by the queue worker, not the local runner; "
                 "give a local path or a data: URL", field=field)
-        path = Path(ref.removeprefix("file://")).expanduser()
+        path = Path(ref[len("file://"):] if scheme else ref).expanduser()
         try:
             return path.read_bytes()
         except FileNotFoundError:

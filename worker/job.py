@@ -11,7 +11,6 @@ import json
 import logging
 import random
 import socket
-import time
 import uuid
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -283,7 +282,7 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
     if len(images) != job.image_count:
         raise InternalError(f"postprocess hooks returned {len(images)} images for {job.image_count}")
     outputs = []
-    for index, (image, (prompt_index, seed)) in enumerate(zip(images, job.items)):
+    for index, (image, (prompt_index, seed)) in enumerate(zip(images, job.items, strict=True)):
         data = encode_output(image, request.output_type, request.output.quality)
         location, url = sink.put(f"{index}.{EXTENSIONS[request.output_type]}", data,
                                  CONTENT_TYPES[request.output_type])

@@ -96,7 +96,7 @@ class InpaintRequest(BaseModel):
             raise ValueError("must not be empty")
         if any(not 0 < s <= 1 for s in value):
             raise ValueError("each sigma must be in (0, 1]")
-        if any(a <= b for a, b in zip(value, value[1:])):
+        if any(a <= b for a, b in zip(value, value[1:], strict=False)):
             raise ValueError("must be strictly decreasing")
         return value
 
@@ -239,21 +239,30 @@ def parse_request(data: dict | InpaintRequest) -> InpaintRequest:
         raise InvalidRequest(*_describe(error)) from None
 
 
+UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")
+
+
 def _describe(error: ValidationError) -> tuple[str, str]:
-    problems, first_field = [], None
+    """One field and one message a person can act on, from pydantic's list of errors."""
+    problems: dict[str, list[str]] = {}
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "request"
+        # a union field (str | list[str]) reports one error per member, tagged in the location
+        field = ".".join(str(part) for part in item["loc"] if not UNION_TAG.match(str(part))) or "request"
         message = item["msg"].removeprefix("Value error, ")
         named = re.match(r"^\[([\w.]+)\] (.*)$", message, re.S)
         if named:
             field, message = named.groups()
         if item["type"] == "extra_forbidden":
             message = "unknown field; see InpaintRequest for the fields a job takes"
-        elif item["type"].startswith(("int_", "float_", "string_", "bool_", "list_", "dict_", "literal_")):
-            message = f"{message} (got {item.get('input')!r:.80})"
-        first_field = first_field or field
-        problems.append(message if len(problems) == 0 else f"{field}: {message}")
-    return first_field, "; ".join(problems)
+        problems.setdefault(field, [])
+        if message not in problems[field]:
+            problems[field].append(message)
+        if item["type"].startswith(("int_", "float_", "string_", "bool_", "list_", "dict_", "literal_")):
+            problems[field].append(f"(got {item.get('input')!r:.80})")
+    parts = [f"{field}: " * bool(i) + " or ".join(m for m in msgs if not m.startswith("(got"))
+             + "".join(f" {m}" for m in dict.fromkeys(msgs) if m.startswith("(got"))
+             for i, (field, msgs) in enumerate(problems.items())]
+    return next(iter(problems)), "; ".join(parts)
 
 
 class Progress(BaseModel):

@@ -1,0 +1,184 @@
+"""Plugins: the order hooks run in, what a plugin may change, blocking, and failures that stay contained."""
+
+from __future__ import annotations
+
+import textwrap
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import box_mask, data_url, photo
+from PIL import Image, ImageDraw
+
+from worker.errors import PluginError
+from worker.hooks import hookimpl
+from worker.plugins import Plugins
+
+
+def manager_with(*plugins: tuple[str, object], blocked=()) -> Plugins:
+    manager = Plugins(blocked=blocked, load_entry_points=False)
+    for name, plugin in plugins:
+        manager.register(plugin, name)
+    return manager
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def inpaint_preprocess(self, job):
+        self.calls.append(("preprocess", job.image.mode, job.mask.mode))
+
+    @hookimpl
+    def inpaint_step_end(self, step, total_steps):
+        self.calls.append(("step", step, total_steps))
+
+    @hookimpl
+    def inpaint_postprocess(self, images):
+        self.calls.append(("postprocess", len(images)))
+
+    @hookimpl
+    def inpaint_job_finished(self, job, result):
+        self.calls.append(("finished", result.job_id == job.id))
+
+    @hookimpl
+    def inpaint_job_failed(self, error):
+        self.calls.append(("failed", error.code))
+
+
+def test_hooks_run_in_the_life_of_a_job_order_after_the_builtins(runner):
+    recorder = Recorder()
+    rgba = photo().convert("RGBA")
+    runner.run(manager=manager_with(("recorder", recorder)), image=data_url(rgba), num_inference_steps=5,
+               strength=0.6)
+    assert recorder.calls == [("preprocess", "RGB", "L"), ("step", 1, 3), ("step", 2, 3), ("step", 3, 3),
+                              ("postprocess", 1), ("finished", True)]
+
+
+def test_a_preprocess_plugin_can_change_the_mask(runner):
+    class MoveMask:
+        @hookimpl
+        def inpaint_preprocess(self, job):
+            job.mask = box_mask(64, 64, (40, 40, 60, 60))
+
+    source = photo()
+    out = runner.pixels(runner.run(manager=manager_with(("move_mask", MoveMask())), image=data_url(source)))
+    original = np.asarray(source).astype(int)
+    old_area, new_area = (slice(16, 40), slice(16, 40)), (slice(40, 60), slice(40, 60))
+    assert np.array_equal(out[old_area], original[old_area])  # no longer repainted: paste-back keeps it
+    assert not np.array_equal(out[new_area], original[new_area])
+
+
+def test_a_postprocess_plugin_can_change_the_images_after_paste_back(runner):
+    class Stamp:
+        @hookimpl
+        def inpaint_postprocess(self, images):
+            stamped = [image.copy() for image in images]
+            for image in stamped:
+                ImageDraw.Draw(image).rectangle((0, 0, 7, 7), fill=(0, 255, 0))
+            return stamped
+
+    out = runner.pixels(runner.run(manager=manager_with(("stamp", Stamp()))))
+    assert (out[:8, :8] == [0, 255, 0]).all()
+
+
+def test_a_step_hook_can_replace_the_latents(runner):
+    from safetensors.torch import load_file
+
+    class Zero:
+        @hookimpl
+        def inpaint_step_end(self, step, total_steps, latents):
+            if step == total_steps:
+                return {"latents": torch.zeros_like(latents)}
+            return None
+
+    result = runner.run(manager=manager_with(("zero", Zero())), output_type="latent")
+    assert load_file(result.images[0].location)["latents"].abs().max() == 0
+    normal = runner.run(output_type="latent")
+    assert load_file(normal.images[0].location)["latents"].abs().max() > 0
+
+
+def test_a_blocked_plugin_is_not_loaded_or_called(runner):
+    recorder = Recorder()
+    manager = manager_with(("recorder", recorder), blocked=["recorder"])
+    runner.run(manager=manager)
+    assert recorder.calls == [] and "recorder" in manager.report.blocked and "recorder" not in manager.names
+
+
+def test_blocking_a_builtin_turns_its_behaviour_off(runner):
+    source = photo()
+    manager = Plugins(blocked=["paste_back"], load_entry_points=False)
+    out = runner.pixels(runner.run(manager=manager, image=data_url(source)))
+    outside = np.asarray(box_mask()) == 0
+    assert not np.array_equal(out[outside], np.asarray(source).astype(int)[outside])
+
+
+def test_a_job_can_turn_a_plugin_off_for_itself(runner):
+    recorder = Recorder()
+    manager = manager_with(("recorder", recorder))
+    runner.run(manager=manager, plugins={"recorder": False})
+    assert recorder.calls == []
+    runner.run(manager=manager)
+    assert recorder.calls
+
+
+def test_a_plugin_that_raises_fails_only_the_job_that_uses_it(runner):
+    class Boom:
+        @hookimpl
+        def inpaint_step_end(self, step):
+            if step == 2:
+                raise RuntimeError("kaboom")
+
+    recorder = Recorder()
+    manager = manager_with(("boom", Boom()), ("recorder", recorder))
+    with pytest.raises(PluginError) as caught:
+        runner.run(manager=manager)
+    assert caught.value.code == "plugin_error" and caught.value.plugin == "boom"
+    assert "'boom'" in caught.value.message and "kaboom" in caught.value.message
+    assert ("failed", "plugin_error") in recorder.calls
+    assert runner.run(manager=manager, plugins={"boom": False}).images
+
+
+def test_a_broken_installed_plugin_is_skipped_at_load(runner, tmp_path, monkeypatch):
+    (tmp_path / "broken_plugin.py").write_text("raise ImportError('missing dependency: nothing')\n")
+    (tmp_path / "good_plugin.py").write_text(textwrap.dedent("""
+        from worker.hooks import hookimpl
+        calls = []
+
+        @hookimpl
+        def inpaint_job_finished(result):
+            calls.append(result.job_id)
+    """))
+    for name in ("broken", "good"):
+        info = tmp_path / f"{name}_plugin-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[inpaint_worker]\n{name} = {name}_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = Plugins()
+    assert "broken" in manager.report.failed and "missing dependency" in manager.report.failed["broken"]
+    assert "good" in manager.names and "paste_back" in manager.names
+    result = runner.run(manager=manager)
+    import good_plugin
+
+    assert good_plugin.calls == [result.job_id]
+
+
+def test_plugin_options_are_validated_and_reach_the_plugin(runner):
+    source = photo()
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((28, 28, 35, 35), fill=255)
+    grown = runner.pixels(runner.run(image=data_url(source), mask_image=data_url(mask),
+                                     plugins={"mask": {"grow": 8}, "paste_back": {"feather": 0}}))
+    ring = (slice(22, 26), slice(22, 42))  # outside the drawn mask, inside the grown one
+    assert not np.array_equal(grown[ring], np.asarray(source).astype(int)[ring])
+
+
+def test_hookspecs_each_have_a_docstring():
+    from worker import hooks
+
+    specs = [getattr(hooks, name) for name in dir(hooks) if name.startswith("inpaint_")]
+    assert len(specs) == 6
+    assert all(isinstance(spec, types.FunctionType) and spec.__doc__ for spec in specs)
