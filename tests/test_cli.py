@@ -74,3 +74,44 @@ def test_tiny_model_writes_a_loadable_labelled_pipeline(tmp_path):
     index = json.loads((tmp_path / "tiny" / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImageInpaintPipeline"
     assert (tmp_path / "tiny" / "TINY_RANDOM_WEIGHTS.json").is_file()
+
+
+def test_an_installed_plugin_is_found_by_entry_point_and_hears_the_pipeline_load(tiny_model_dir, tmp_path):
+    import os
+    import textwrap
+
+    site = tmp_path / "site"
+    info = site / "flip_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flip-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[inpaint_worker]\nflip = flip_plugin\n")
+    (site / "flip_plugin.py").write_text(textwrap.dedent(f"""
+        from PIL import ImageOps
+        from worker.hooks import hookimpl
+
+        @hookimpl
+        def inpaint_pipeline_loaded(pipe, settings):
+            with open({str(tmp_path / "loaded.txt")!r}, "a") as f:
+                f.write(type(pipe).__name__ + "\\n")
+
+        @hookimpl
+        def inpaint_postprocess(images):
+            return [ImageOps.mirror(image) for image in images]
+    """))
+    photo().save(tmp_path / "image.png")
+    box_mask().save(tmp_path / "mask.png")
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    outputs = {}
+    for blocked in ("", "flip"):
+        out = tmp_path / f"out-{blocked or 'all'}"
+        done = cli("run", "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
+                   "--prompt", "x", "--out", str(out), "--model", str(tiny_model_dir), "--set", "seed=1",
+                   "--set", "num_inference_steps=2", "--quiet",
+                   env={**env, "INPAINT_PLUGINS_BLOCKED": blocked})
+        assert done.returncode == 0, done.stderr
+        outputs[blocked] = np.asarray(Image.open(out / "0.png"))
+        assert ("flip" in json.loads(done.stdout)["parameters"]["plugins"]) is (blocked == "")
+    assert (tmp_path / "loaded.txt").read_text() == "InpaintPipeline\n"  # once: not in the blocked run
+    assert np.array_equal(outputs[""], outputs["flip"][:, ::-1])
+    listed = {row["name"]: row for row in json.loads(cli("plugins", "--json", env=env).stdout)}
+    assert listed["flip"]["hooks"] == ["inpaint_pipeline_loaded", "inpaint_postprocess"]

@@ -65,11 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings(**({"model": args.model} if args.model else {}))
     try:
         request = build_request(args)
-        model = load_model(settings)
+        plugins = Plugins(blocked=settings.plugins_blocked)
+        model = load_model(settings, plugins)
         if model.tiny:
             print(f"note: using the {model.describe()['label']} (set INPAINT_MODEL or --model for a real one)",
                   file=sys.stderr)
-        plugins = Plugins(blocked=settings.plugins_blocked)
         reporter = (lambda progress: None) if args.quiet else ProgressBar()
         result = job.run(request, model=model, plugins=plugins, fetcher=LocalFetcher(settings.data_url_max_bytes),
                          sink=DirectorySink(args.out), settings=settings, reporter=reporter)

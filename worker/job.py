@@ -70,8 +70,9 @@ class Job:
         return self.request.true_cfg_scale > 1 and negative
 
     def options(self, plugin: str) -> Any:
-        """This job's validated options for `plugin` (its `Options` model, defaults filled in)."""
-        return self.plugin_options[plugin]
+        """This job's options for `plugin`: its `Options` model with defaults filled in, or the raw dict."""
+        options = self.plugin_options.get(plugin, {})
+        return options if options is not True else {}
 
 
 def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins, fetcher: Fetcher,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from diffusers import QwenImageInpaintPipeline
 
+from .plugins import Plugins
 from .settings import Settings
 from .tiny import TINY_MODEL_LABEL, build_tiny_model, is_tiny_model
 
@@ -108,8 +109,8 @@ def model_path(settings: Settings) -> str:
     return str(path)
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Load the pipeline (cached per process and configuration)."""
+def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedModel:
+    """Load the pipeline (cached per process and configuration); plugins hear of a fresh load."""
     device = resolve_device(settings)
     dtype = resolve_dtype(settings, device)
     with _lock:
@@ -130,6 +131,8 @@ def load_model(settings: Settings) -> LoadedModel:
             _loaded[key] = LoadedModel(pipe, name if not is_tiny_model(name) else "tiny-qwen-image", device,
                                        dtype, is_tiny_model(name), time.monotonic() - started)
             log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
+            if plugins is not None:
+                plugins.for_job(()).call("inpaint_pipeline_loaded", pipe=pipe, settings=settings)
         return _loaded[key]
 
 
