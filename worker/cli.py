@@ -27,6 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", help="model directory or hub id (default: INPAINT_MODEL, else the tiny model)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    launch = commands.add_parser("launch", help="start one worker per GPU (or N CPU workers) and supervise them")
+    launch.add_argument("--cpu-workers", type=int, default=0, metavar="N", help="on a host without GPUs")
+
+    submit = commands.add_parser("submit", help="enqueue a job and follow its progress, then print the result")
+    submit.add_argument("--image", help="s3://bucket/key, https:// on an allowed host, or a local file (sent inline)")
+    submit.add_argument("--mask", help="the mask, as --image")
+    submit.add_argument("--prompt")
+    submit.add_argument("--request", help="a JSON file with the request; flags override its fields")
+    submit.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    submit.add_argument("--job-id", help="idempotency: the same id is enqueued once")
+    submit.add_argument("--timeout", type=float, default=3600.0)
+    submit.add_argument("--quiet", action="store_true", help="no progress bar")
+
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight Qwen-Image pipeline to DIR")
     tiny.add_argument("directory")
 
@@ -35,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return {"run": cmd_run, "tiny-model": cmd_tiny_model, "plugins": cmd_plugins}[args.command](args)
+    commands = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "tiny-model": cmd_tiny_model,
+                "plugins": cmd_plugins}
+    return commands[args.command](args)
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,6 +109,52 @@ class ProgressBar:
             line = f"{progress.stage}..."
         end = "\n" if progress.stage == "uploading" else ""
         print(f"\r{line:<70}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+    from .settings import Settings
+
+    return launch(Settings(), cpu_workers=args.cpu_workers)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import time
+
+    from .client import InpaintClient
+
+    client = InpaintClient.from_env()
+    try:
+        request = build_request(args)
+        for name in ("image", "mask_image"):  # local files travel inline
+            ref = request.get(name)
+            if isinstance(ref, str) and Path(ref).is_file():
+                request[name] = file_data_url(Path(ref))
+        job_id = client.submit(request, job_id=args.job_id)
+    except JobError as error:
+        print(json.dumps({"error": error.to_dict()}, indent=2))
+        return 2
+    print(f"job {job_id} submitted", file=sys.stderr)
+    bar, deadline = ProgressBar(), time.monotonic() + args.timeout
+    while True:
+        status = client.status(job_id)
+        if status.progress and not args.quiet:
+            bar(status.progress)
+        if status.done or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(status.model_dump_json(indent=2, exclude_none=True))
+    return 0 if status.state == "SUCCESS" else 1
+
+
+def file_data_url(path: Path) -> str:
+    import base64
+    import mimetypes
+
+    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

@@ -68,3 +68,27 @@ class StorageError(JobError):
 
 class InternalError(JobError):
     code = "internal"
+
+
+class JobFailed(Exception):
+    """How a failed job is stored in the task state: JSON-safe args (code, message, field, plugin).
+
+    Celery stores an exception as its type name and args, and rebuilds it as `cls(*args)`;
+    a backend without this package reads the same four values from `exc_message`.
+    """
+
+    def __init__(self, code: str, message: str, field: str | None = None, plugin: str | None = None):
+        super().__init__(code, message, field, plugin)
+        self.code, self.message, self.field, self.plugin = code, message, field, plugin
+
+    @classmethod
+    def from_error(cls, error: JobError) -> JobFailed:
+        return cls(error.code, error.message, error.field, error.plugin)
+
+    def to_dict(self) -> dict:
+        out = {"code": self.code, "message": self.message}
+        out.update({k: v for k, v in (("field", self.field), ("plugin", self.plugin)) if v})
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"

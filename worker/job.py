@@ -9,9 +9,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import random
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -54,6 +56,8 @@ class Job:
     items: list[tuple[int, int]] = field(default_factory=list)  # (prompt index, seed) for each output image
     image_index: int = 0
     state: dict[str, Any] = field(default_factory=dict)  # scratch space for plugins
+    cancel_requested: Callable[[], bool] = lambda: False
+    node: str = ""
 
     @property
     def image_count(self) -> int:
@@ -77,10 +81,13 @@ class Job:
 
 def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins, fetcher: Fetcher,
         sink: OutputSink, settings: Settings, reporter: Reporter = no_reporter,
-        job_id: str | None = None) -> InpaintResult:
+        cancel_requested: Callable[[], bool] | None = None, job_id: str | None = None,
+        node: str | None = None) -> InpaintResult:
     """Run one job to the end; raise a `JobError` (with its code) if it fails."""
     job = start(parse_request(request), model, plugins, settings, Tracker(reporter, settings.progress_interval_s),
                 job_id)
+    job.cancel_requested = cancel_requested or job.cancel_requested
+    job.node = node or socket.gethostname()
     hooks = plugins.for_job([name for name, on in job.request.plugins.items() if on is False])
     try:
         job.tracker.enter("fetching")
@@ -302,7 +309,7 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
             output_type=request.output_type, plugins=job.plugins),
         timings=job.tracker.finish(),
         model=model.describe(),
-        worker={"host": socket.gethostname(), "device": str(model.device), "versions": versions()},
+        worker={"node": job.node, "device": device_name(model), "versions": versions()},
     )
     record = {**result.model_dump(mode="json"), "request": redacted(request)}
     sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])
@@ -316,6 +323,13 @@ def redacted(request: InpaintRequest) -> dict[str, Any]:
         if isinstance(value, str) and value.startswith("data:"):
             record[name] = f"{value.split(',', 1)[0]},... ({len(value)} characters)"
     return record
+
+
+def device_name(model: LoadedModel) -> str:
+    """The device, with the physical GPU a pinned worker sees as cuda:0."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{model.device} (CUDA_VISIBLE_DEVICES={visible})" if model.device.type == "cuda" and visible else str(
+        model.device)
 
 
 def versions() -> dict[str, str]:

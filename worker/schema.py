@@ -29,7 +29,7 @@ class OutputOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bucket: str | None = None
-    prefix: str = Field("jobs", pattern=r"^[A-Za-z0-9_./-]{0,200}$")
+    prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_./-]{0,200}$", description="default: INPAINT_OUTPUT_PREFIX")
     quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
 
 

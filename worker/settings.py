@@ -6,8 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+UPLOAD_MARGIN_S = 120
 
 
 class Settings(BaseSettings):
@@ -38,7 +40,44 @@ class Settings(BaseSettings):
     )
     progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress reports")
 
-    @field_validator("plugins_blocked", mode="before")
+    broker_url: str = Field("redis://localhost:6379/0", description="Celery broker (Redis)")
+    result_backend: str | None = Field(None, description="Celery result backend; defaults to the broker")
+    queue: str = Field("celery", description="The queue workers consume and jobs are sent to")
+    result_expires_s: int = Field(86400, gt=0, description="How long job states and results stay in Redis")
+    visibility_timeout_s: float = Field(
+        3600.0, gt=0, description="Redis redelivers a job not acked in this time: must exceed the longest job"
+    )
+    unacked_restore_interval_s: float = Field(10.0, gt=0, description="How often a worker looks for lost jobs")
+    unacked_restore_throttle: int = Field(10, ge=1, description="Look only every Nth time (1: every time)")
+    s3_endpoint_url: str | None = Field(None, description="S3 API endpoint (MinIO, ...); unset: AWS")
+    output_bucket: str | None = Field(None, description="Bucket the worker writes results to")
+    output_prefix: str = Field("jobs", description="Key prefix of results: {prefix}/{job_id}/{index}.{ext}")
+    input_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated buckets that s3:// inputs may come from"
+    )
+    http_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated hosts that https:// inputs may come from"
+    )
+    input_max_bytes: int = Field(50_000_000, gt=0, description="Largest input object read from S3 or https")
+    presign_expiry_s: int = Field(3600, gt=0, description="Lifetime of the presigned URLs in results")
+    storage_attempts: int = Field(5, ge=1, description="Tries of each S3 call before storage_error")
+    storage_backoff_s: float = Field(0.5, ge=0, description="First wait between S3 tries; doubles each time")
+
+    @model_validator(mode="after")
+    def _visibility_covers_the_longest_job(self) -> Settings:
+        if self.visibility_timeout_s <= self.max_deadline_s + UPLOAD_MARGIN_S:
+            raise ValueError(
+                f"INPAINT_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s:g}) must exceed INPAINT_MAX_DEADLINE_S "
+                f"({self.max_deadline_s:g}) plus {UPLOAD_MARGIN_S} s for uploads: otherwise Redis hands a job "
+                "that is still running to a second worker"
+            )
+        return self
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @field_validator("plugins_blocked", "input_buckets", "http_allow", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,0 +1,55 @@
+"""The Celery app and its configuration: settings for long GPU jobs that must be neither lost nor run twice."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .settings import Settings, get_settings
+
+TASK_NAME = "inpaint"
+
+
+def make_app(settings: Settings) -> Celery:
+    # the task module (which needs torch) is imported by workers only, never by clients
+    app = Celery("inpaint_worker", broker=settings.broker_url, backend=settings.backend_url, include=["worker.tasks"])
+    app.conf.update(
+        # JSON only: a pickled message is refused before anything is executed
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # a job is acked when it ends, and handed to another worker if its worker dies
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        result_expires=settings.result_expires_s,
+        result_extended=True,
+        task_default_queue=settings.queue,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # must exceed the longest job (checked in Settings), or Redis redelivers a running job
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": settings.unacked_restore_throttle,
+        },
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_app(get_settings())
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by `InpaintClient.cancel`; checked before a job starts and at every denoising step."""
+    return f"inpaint:cancel:{job_id}"
+
+
+def submitted_key(job_id: str) -> str:
+    """Claimed by `InpaintClient.submit`, so a job id is enqueued once."""
+    return f"inpaint:submitted:{job_id}"

@@ -1,0 +1,16 @@
+"""Cancellation: a running job stops at the next denoising step once a cancel was requested.
+
+Cooperative by design: Celery's revoke does not stop a running task in any pool, and
+diffusers' `_interrupt` still decodes. Raising here ends the job before anything is written.
+"""
+
+from __future__ import annotations
+
+from ..errors import Cancelled
+from ..hooks import hookimpl
+
+
+@hookimpl(tryfirst=True)
+def inpaint_step_end(job, step: int, total_steps: int) -> None:
+    if job.cancel_requested():
+        raise Cancelled(f"cancelled at step {step} of {total_steps}; nothing was written")

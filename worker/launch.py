@@ -1,0 +1,100 @@
+"""One Celery worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES, restarted if it crashes.
+
+Pool `threads` with concurrency 1: the job runs in a thread, so the main thread keeps
+sending heartbeats and answering remote control during a long job (`solo` does not),
+and nothing forks after CUDA is up (`prefork` would). Measured in tests/test_queue.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+POOL = "threads"
+
+
+@dataclass
+class Slot:
+    node: str
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    backoff_s: float = 1.0
+    restarts: int = field(default=0)
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids to pin workers to: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [gpu.strip() for gpu in visible.split(",") if gpu.strip() and gpu.strip() != "-1"]
+    if not shutil.which("nvidia-smi"):
+        return []
+    done = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                          text=True, timeout=30)
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
+
+
+def worker_command(node: str, settings: Settings, loglevel: str = "INFO") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", POOL, "--concurrency", "1",
+            "--hostname", node, "--queues", settings.queue, "--task-events", "--loglevel", loglevel]
+
+
+def plan(gpus: list[str], cpu_workers: int) -> list[Slot]:
+    if gpus:
+        return [Slot(f"gpu{i}@%h", {"CUDA_VISIBLE_DEVICES": gpu}) for i, gpu in enumerate(gpus)]
+    return [Slot(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "INPAINT_DEVICE": "cpu"}) for i in range(cpu_workers)]
+
+
+def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0) -> int:
+    """Start the workers and supervise them until SIGTERM/SIGINT, which is passed on for a warm shutdown."""
+    slots = plan(visible_gpus(), cpu_workers)
+    if not slots:
+        log.error("no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi); use --cpu-workers N to run on the CPU")
+        return 2
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        log.info("signal %d: warm shutdown, running jobs finish first", signum)
+        for slot in slots:
+            if slot.process and slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in slots:
+        start(slot, settings)
+    while not stopping:
+        for slot in slots:
+            code = slot.process.poll()
+            if code is None or stopping:
+                continue
+            if time.monotonic() - slot.started > 60:  # it ran a while: the crash is not a start-up loop
+                slot.backoff_s = 1.0
+            log.warning("worker %s exited with %s; restarting in %.0f s", slot.node, code, slot.backoff_s)
+            time.sleep(slot.backoff_s)
+            slot.backoff_s = min(slot.backoff_s * 2, max_backoff_s)
+            slot.restarts += 1
+            if not stopping:
+                start(slot, settings)
+        time.sleep(0.5)
+    for slot in slots:
+        slot.process.wait()
+    return 0
+
+
+def start(slot: Slot, settings: Settings) -> None:
+    slot.process = subprocess.Popen(worker_command(slot.node, settings), env={**os.environ, **slot.env})
+    slot.started = time.monotonic()
+    log.info("started worker %s (pid %d, %s)", slot.node, slot.process.pid, slot.env)

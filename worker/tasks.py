@@ -1,0 +1,89 @@
+"""The `inpaint` Celery task: a few lines around `job.run`, with S3 in and out and progress in the task state."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from celery.signals import worker_init
+
+from . import job
+from .app import TASK_NAME, app, cancel_key
+from .errors import Cancelled, InvalidRequest, JobError, JobFailed
+from .pipeline import LoadedModel, load_model
+from .plugins import Plugins
+from .schema import Progress, parse_request
+from .settings import get_settings
+from .storage import S3Sink, StorageFetcher
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+@dataclass
+class Runtime:
+    """What a worker process loads once and every job reuses."""
+
+    model: LoadedModel
+    plugins: Plugins
+    fetcher: StorageFetcher
+
+
+def runtime() -> Runtime:
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            settings = get_settings()
+            if not settings.output_bucket:
+                raise RuntimeError("INPAINT_OUTPUT_BUCKET is not set: the worker has nowhere to write results")
+            plugins = Plugins(blocked=settings.plugins_blocked)
+            model = load_model(settings, plugins)
+            log.info("worker ready: model %s on %s loaded in %.1f s; plugins %s", model.name, model.device,
+                     model.load_s, plugins.names)
+            _runtime = Runtime(model, plugins, StorageFetcher(settings))
+        return _runtime
+
+
+@worker_init.connect
+def load_before_the_first_job(**_: Any) -> None:
+    runtime()
+
+
+@app.task(name=TASK_NAME, bind=True)
+def inpaint(self: Any, request: dict) -> dict:
+    job_id, settings, done = self.request.id, get_settings(), self.AsyncResult(self.request.id)
+    if done.state == "SUCCESS":  # redelivered after it finished: hand back what it made
+        return done.result
+    redis = app.backend.client
+    try:
+        if redis.exists(cancel_key(job_id)):
+            raise Cancelled("cancelled before it started")
+        parsed = parse_request(request)
+        bucket = parsed.output.bucket or settings.output_bucket
+        if bucket != settings.output_bucket:
+            raise InvalidRequest("output.bucket", f"this worker writes only to {settings.output_bucket!r}")
+        rt = runtime()
+        result = job.run(parsed, model=rt.model, plugins=rt.plugins, fetcher=rt.fetcher,
+                         sink=S3Sink(settings, job_id, bucket, parsed.output.prefix or settings.output_prefix),
+                         settings=settings, reporter=TaskReporter(self),
+                         cancel_requested=lambda: bool(redis.exists(cancel_key(job_id))),
+                         job_id=job_id, node=self.request.hostname)
+    except JobError as error:
+        log.warning("job %s failed: %s", job_id, error)
+        raise JobFailed.from_error(error) from None
+    return result.model_dump(mode="json")
+
+
+class TaskReporter:
+    """Progress into the task state (for clients) and a task event (for Flower); the Tracker throttles."""
+
+    def __init__(self, task: Any):
+        self.task = task
+
+    def __call__(self, progress: Progress) -> None:
+        meta = progress.model_dump(exclude_none=True)
+        self.task.update_state(state="PROGRESS", meta=meta)
+        self.task.send_event("task-progress", **meta)
