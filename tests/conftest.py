@@ -98,3 +98,55 @@ class Runner:
 @pytest.fixture
 def runner(model, plugins, settings, tmp_path) -> Runner:
     return Runner(model, plugins, settings, tmp_path)
+
+
+# --- the queue: a private redis-server, a loopback S3 endpoint, real worker processes -------------------------
+
+PLUGIN_SITE = Path(__file__).parent / "plugin_site"
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_model_dir, tmp_path_factory):
+    from worker.stack import LocalStack
+
+    local = LocalStack(tmp_path_factory.mktemp("stack"), model=str(tiny_model_dir)).start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="session")
+def run_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs") / "runs.log"
+
+
+@pytest.fixture(scope="session")
+def worker_env(run_log) -> dict:
+    """What test workers get beyond the stack: the testkit plugin installed, fast progress."""
+    import os
+
+    return {"PYTHONPATH": os.pathsep.join([str(PLUGIN_SITE), os.environ.get("PYTHONPATH", "")]),
+            "TESTKIT_RUN_LOG": str(run_log), "INPAINT_PROGRESS_INTERVAL_S": "0.05"}
+
+
+@pytest.fixture(scope="session")
+def client(stack):
+    from worker.app import make_app
+    from worker.client import InpaintClient
+
+    return InpaintClient(make_app(stack.settings()))
+
+
+@pytest.fixture(scope="session")
+def worker(stack, client, worker_env):
+    import socket
+
+    process = stack.start_worker(f"w1@{socket.gethostname()}", **worker_env).wait_ready(client.app)
+    yield process
+    process.stop()
+
+
+def upload(stack, key: str, image: Image.Image, bucket: str = "inputs") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    stack.s3.client().put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+    return f"s3://{bucket}/{key}"

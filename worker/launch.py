@@ -44,9 +44,9 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
 
 
-def worker_command(node: str, settings: Settings, loglevel: str = "INFO") -> list[str]:
+def worker_command(node: str, queue: str, loglevel: str = "INFO") -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", POOL, "--concurrency", "1",
-            "--hostname", node, "--queues", settings.queue, "--task-events", "--loglevel", loglevel]
+            "--hostname", node, "--queues", queue, "--task-events", "--loglevel", loglevel]
 
 
 def plan(gpus: list[str], cpu_workers: int) -> list[Slot]:
@@ -95,6 +95,6 @@ def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0
 
 
 def start(slot: Slot, settings: Settings) -> None:
-    slot.process = subprocess.Popen(worker_command(slot.node, settings), env={**os.environ, **slot.env})
+    slot.process = subprocess.Popen(worker_command(slot.node, settings.queue), env={**os.environ, **slot.env})
     slot.started = time.monotonic()
     log.info("started worker %s (pid %d, %s)", slot.node, slot.process.pid, slot.env)

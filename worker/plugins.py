@@ -159,6 +159,8 @@ class JobHooks:
         except JobError:
             raise
         except Exception as error:
+            if type(error).__name__ == "OutOfMemoryError":  # torch's: the job's memory, not the plugin's fault
+                raise
             raise PluginError(impl.plugin_name, name, error) from error
 
 

@@ -1,0 +1,189 @@
+"""The distributed service against real parts: redis-server, moto's S3 server over HTTP, real worker processes."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import box_mask, data_url, photo, upload
+from PIL import Image
+
+HOST = socket.gethostname()
+SLOW = {"testkit": {"step_s": 0.15}}
+
+
+def request(stack, **fields) -> dict:
+    fields.setdefault("prompt", "a red apple")
+    fields.setdefault("image", upload(stack, "photo.png", photo()))
+    fields.setdefault("mask_image", upload(stack, "mask.png", box_mask()))
+    fields.setdefault("num_inference_steps", 4)
+    fields.setdefault("seed", 1)
+    return fields
+
+
+def runs(run_log, job_id: str) -> int:
+    return run_log.read_text().split().count(job_id) if run_log.exists() else 0
+
+
+def objects(stack, job_id: str) -> dict[str, str]:
+    listing = stack.s3.client().list_objects_v2(Bucket="outputs", Prefix=f"jobs/{job_id}/")
+    return {item["Key"]: item["ETag"] for item in listing.get("Contents", [])}
+
+
+def test_a_job_ends_in_s3_with_presigned_urls_and_matches_a_local_run(stack, client, worker, runner):
+    fields = request(stack, negative_prompt="blurry", plugins={"testkit": False})
+    job_id = client.submit(fields)
+    status = client.wait(job_id, timeout=120)
+    assert status.state == "SUCCESS", status.error
+    result = status.result
+    s3 = stack.s3.client()
+    image = result.images[0]
+    assert image.location == f"s3://outputs/jobs/{job_id}/0.png"
+    head = s3.head_object(Bucket="outputs", Key=f"jobs/{job_id}/0.png")
+    assert head["ContentType"] == "image/png"
+    stored = s3.get_object(Bucket="outputs", Key=f"jobs/{job_id}/0.png")["Body"].read()
+    assert urllib.request.urlopen(image.url, timeout=10).read() == stored
+    record = s3.get_object(Bucket="outputs", Key=f"jobs/{job_id}/result.json")
+    assert record["ContentType"] == "application/json"
+    assert b'"job_id": "%s"' % job_id.encode() in record["Body"].read()
+    assert result.worker["node"] == worker.node and result.model["load_s"] > 0
+
+    local = runner.run(**{**fields, "image": data_url(photo()), "mask_image": data_url(box_mask()), "plugins": {}})
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))).astype(int), runner.pixels(local))
+
+
+def test_progress_is_polled_with_increasing_steps_up_to_the_steps_that_run(stack, client, worker):
+    job_id = client.submit(request(stack, num_inference_steps=20, strength=0.5, plugins=SLOW))
+    seen = []
+    while not (status := client.status(job_id)).done:
+        if status.progress:
+            seen.append(status.progress)
+        time.sleep(0.03)
+    assert status.state == "SUCCESS"
+    steps = [p.step for p in seen if p.stage == "denoising"]
+    assert len(steps) >= 3 and steps == sorted(steps) and max(steps) <= 10
+    assert {p.total_steps for p in seen if p.total_steps} == {10}
+    order = ["fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing", "uploading"]
+    stages = [p.stage for p in seen]
+    assert [order.index(s) for s in stages] == sorted(order.index(s) for s in stages)
+    assert all(p.eta_s is None or p.eta_s >= 0 for p in seen)
+
+
+def test_cancel_a_queued_and_a_running_job(stack, client, worker):
+    running = client.submit(request(stack, num_inference_steps=40, strength=1.0, plugins=SLOW))
+    queued = client.submit(request(stack))
+    client.cancel(queued)
+    wait_for_step(client, running, 2)
+    client.cancel(running)
+    for job_id in (running, queued):
+        status = client.wait(job_id, timeout=60)
+        assert status.state == "FAILURE" and status.error["code"] == "cancelled", status
+        assert objects(stack, job_id) == {}
+    assert "step" in client.status(running).error["message"]
+    assert client.wait(client.submit(request(stack)), timeout=60).state == "SUCCESS"
+
+
+def wait_for_step(client, job_id: str, step: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = client.status(job_id).progress
+        if progress and progress.stage == "denoising" and progress.step >= step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not reach step {step}")
+
+
+def test_the_worker_answers_remote_control_and_sends_heartbeats_during_a_long_job(stack, client, worker):
+    job_id = client.submit(request(stack, num_inference_steps=40, strength=1.0, plugins=SLOW))
+    wait_for_step(client, job_id, 1)
+    heartbeats = []
+    with client.app.connection_for_read() as connection:
+        receiver = client.app.events.Receiver(connection, handlers={
+            "worker-heartbeat": lambda event: heartbeats.append(event)})
+        _capture(receiver, seconds=4.5)  # heartbeats come every 2 s
+    assert client.app.control.ping(destination=[worker.node], timeout=2)
+    active = client.app.control.inspect(destination=[worker.node], timeout=2).active()
+    assert [task["id"] for task in active[worker.node]] == [job_id]
+    assert any(event["hostname"] == worker.node for event in heartbeats)
+    assert client.status(job_id).state == "PROGRESS"
+    client.cancel(job_id)
+    client.wait(job_id, timeout=60)
+
+
+def _capture(receiver, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for _ in receiver.consume(limit=None, timeout=0.5, safety_interval=0.5):
+        if time.monotonic() > deadline:
+            break
+
+
+def test_resubmitting_a_job_id_runs_it_once(stack, client, worker, run_log):
+    job_id = f"idem-{time.monotonic_ns()}"
+    assert client.submit(request(stack), job_id=job_id) == job_id
+    assert client.submit(request(stack), job_id=job_id) == job_id
+    first = client.wait(job_id, timeout=60)
+    etags = objects(stack, job_id)
+    # a backend sending the same id again by hand gets the stored result, not a second run
+    client.app.send_task("inpaint", kwargs={"request": request(stack)}, task_id=job_id)
+    client.wait(client.submit(request(stack)), timeout=60)  # queued behind it on the one worker
+    assert first.state == "SUCCESS" and client.status(job_id).state == "SUCCESS"
+    assert runs(run_log, job_id) == 1
+    assert objects(stack, job_id) == etags
+
+
+def test_a_pickled_message_is_refused_unexecuted_and_the_worker_keeps_serving(stack, client, worker, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    with client.app.producer_or_acquire() as producer:
+        producer.publish({"request": Exploit()}, serializer="pickle", routing_key="celery", exchange="",
+                         headers={"task": "inpaint", "id": "pickled-1", "argsrepr": "", "kwargsrepr": ""})
+    assert client.wait(client.submit(request(stack)), timeout=60).state == "SUCCESS"
+    assert not marker.exists()
+    assert client.status("pickled-1").state == "PENDING"
+
+
+@pytest.mark.parametrize(("fields", "code", "words"), [
+    ({"strength": 2}, "invalid_request", "strength"),
+    ({"image": "s3://inputs/missing.png"}, "input_not_found", "no object"),
+    ({"image": "s3://secret-bucket/a.png"}, "input_forbidden", "INPAINT_INPUT_BUCKETS"),
+    ({"image": "https://example.com/a.png"}, "input_forbidden", "allow-list"),
+    ({"image": "file:///etc/passwd"}, "input_forbidden", "not accepted"),
+    ({"deadline_s": 0.3, "plugins": SLOW, "num_inference_steps": 20, "strength": 1.0}, "deadline_exceeded",
+     "deadline"),
+    ({"plugins": {"testkit": {"oom": True}}}, "out_of_memory", "out of memory"),
+    ({"plugins": {"testkit": {"raise": "kaboom"}}}, "plugin_error", "'testkit'"),
+    ({"plugins": {"testkit": {"drop_images": True}}}, "internal", "returned 0 images"),
+    ({"output": {"bucket": "elsewhere"}}, "invalid_request", "writes only to"),
+])
+def test_each_failure_code(stack, client, worker, fields, code, words):
+    job_id = f"fail-{code}-{time.monotonic_ns()}"
+    client.app.send_task("inpaint", kwargs={"request": request(stack, **fields)}, task_id=job_id)
+    status = client.wait(job_id, timeout=60)
+    assert status.state == "FAILURE"
+    assert status.error["code"] == code and words in status.error["message"], status.error
+    assert objects(stack, job_id) == {}
+
+
+def test_storage_error_when_the_output_bucket_is_missing(stack, client, worker_env):
+    from worker.app import make_app
+    from worker.client import InpaintClient
+
+    queue_client = InpaintClient(make_app(stack.settings(queue="broken-bucket")))
+    broken = stack.start_worker(f"broken@{HOST}", INPAINT_QUEUE="broken-bucket", INPAINT_OUTPUT_BUCKET="no-such-bucket",
+                                INPAINT_STORAGE_ATTEMPTS="2", INPAINT_STORAGE_BACKOFF_S="0.1", **worker_env)
+    try:
+        broken.wait_ready(queue_client.app)
+        status = queue_client.wait(queue_client.submit(request(stack)), timeout=60)
+        assert status.error["code"] == "storage_error" and "no-such-bucket" in status.error["message"]
+    finally:
+        broken.stop()

@@ -1,0 +1,183 @@
+"""The embedded default: a private redis-server, a loopback S3 endpoint and workers, on one machine.
+
+Used by `inpaint-worker up` (`make demo`, `make up`) and by the tests. Everything listens
+on 127.0.0.1, on free ports, with its files in one temporary directory, and stops with the stack.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .launch import worker_command
+from .settings import Settings
+
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-stack-key", "AWS_SECRET_ACCESS_KEY": "local-stack-secret",
+                    "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check: Any, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} while starting")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not come up within {timeout:g} s")
+
+
+def stop_process(process: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+class RedisServer:
+    def __init__(self, directory: Path, appendonly: bool = False, password: str | None = None):
+        self.directory, self.appendonly, self.password = directory, appendonly, password
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        if not shutil.which("redis-server"):
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        log = open(self.directory / "redis.log", "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        import redis
+
+        wait_for(lambda: redis.Redis.from_url(self.url).ping(), 20, "redis-server", self.process)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class S3Server:
+    """moto's S3 in server mode: a real HTTP endpoint on loopback that boto3 talks to like any S3."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Server:
+        import urllib.request
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.directory / "s3.log", "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                         str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: urllib.request.urlopen(self.endpoint, timeout=1).status < 500, 30, "S3 endpoint",
+                 self.process)
+        return self
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class WorkerProcess:
+    """One `celery worker` exactly as `inpaint-worker launch` starts it."""
+
+    def __init__(self, node: str, env: dict[str, str], log_path: Path):
+        self.node, self.env, self.log_path = node, env, log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")
+        queue = self.env.get("INPAINT_QUEUE", Settings.model_fields["queue"].default)
+        self.process = subprocess.Popen(worker_command(self.node, queue), env={**os.environ, **self.env},
+                                        stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, app: Any, timeout: float = 180) -> WorkerProcess:
+        wait_for(lambda: app.control.ping(destination=[self.node], timeout=0.5), timeout, f"worker {self.node}",
+                 self.process)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        stop_process(self.process, sig, timeout)
+
+
+class LocalStack:
+    """Redis, S3 with an input and an output bucket, and the environment a worker and a client need."""
+
+    def __init__(self, directory: Path | None = None, model: str | None = None):
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="inpaint-stack-"))
+        self.redis = RedisServer(self.directory / "redis")
+        self.s3 = S3Server(self.directory / "s3")
+        self.model = model
+        self.workers: list[WorkerProcess] = []
+
+    def start(self) -> LocalStack:
+        self.redis.start()
+        self.s3.start()
+        client = self.s3.client()
+        for bucket in ("inputs", "outputs"):
+            client.create_bucket(Bucket=bucket)
+        return self
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {**TEST_CREDENTIALS, "INPAINT_BROKER_URL": self.redis.url, "INPAINT_S3_ENDPOINT_URL": self.s3.endpoint,
+               "INPAINT_OUTPUT_BUCKET": "outputs", "INPAINT_INPUT_BUCKETS": "inputs",
+               "INPAINT_CACHE_DIR": str(self.directory / "cache")}
+        if self.model:
+            env["INPAINT_MODEL"] = self.model
+        return {**env, **extra}
+
+    def settings(self, **extra: Any) -> Settings:
+        values = {k.removeprefix("INPAINT_").lower(): v for k, v in self.env().items() if k.startswith("INPAINT_")}
+        return Settings(**{**values, **extra})
+
+    def start_worker(self, node: str, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(node, self.env(**env), self.directory / f"{node.split('@')[0]}.log")
+        self.workers.append(worker.start())
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.s3.stop()
+        self.redis.stop()
