@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo up local test lint install clean
 
 $(BIN)/inpaint-worker: pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,15 @@ $(BIN)/inpaint-worker: pyproject.toml constraints/cpu.txt
 install: $(BIN)/inpaint-worker
 
 demo: install
+	$(BIN)/inpaint-worker up --demo --image examples/sample.png --mask examples/sample-mask.png \
+		--prompt "a red barn with a white door"
+
+up: install
+	$(BIN)/inpaint-worker up
+
+local: install
 	$(BIN)/inpaint-worker run --image examples/sample.png --mask examples/sample-mask.png \
-		--prompt "a red barn with a white door" --set seed=7 --set num_inference_steps=20 --out out/demo
-	@echo "wrote out/demo/0.png and out/demo/result.json"
+		--prompt "a red barn with a white door" --set seed=7 --set num_inference_steps=20 --out out/local
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -411,7 +411,7 @@ def test_invalid_request_to_dict():
 
 def test_light_modules_do_not_import_torch_or_diffusers():
     code = (
-        "import sys, worker.schema, worker.settings, worker.errors\n"
+        "import sys, worker.schema, worker.settings, worker.errors, worker.client, worker.app\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

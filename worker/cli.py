@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--timeout", type=float, default=3600.0)
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    up = commands.add_parser("up", help="run the whole stack on this machine: redis-server, S3 on loopback, a worker")
+    up.add_argument("--demo", action="store_true", help="submit one job, follow it, download the result, stop")
+    up.add_argument("--image", default="examples/sample.png")
+    up.add_argument("--mask", default="examples/sample-mask.png")
+    up.add_argument("--prompt", default="a red barn with a white door")
+    up.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight Qwen-Image pipeline to DIR")
     tiny.add_argument("directory")
 
@@ -48,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    commands = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "tiny-model": cmd_tiny_model,
-                "plugins": cmd_plugins}
+    commands = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "up": cmd_up,
+                "tiny-model": cmd_tiny_model, "plugins": cmd_plugins}
     return commands[args.command](args)
 
 
@@ -147,6 +154,68 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     print(status.model_dump_json(indent=2, exclude_none=True))
     return 0 if status.state == "SUCCESS" else 1
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+    import socket
+    import time
+
+    from .app import make_app
+    from .client import InpaintClient
+    from .stack import LocalStack
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop what we started on SIGTERM too
+    stack = LocalStack().start()
+    try:
+        client = InpaintClient(make_app(stack.settings()))
+        node = f"local@{socket.gethostname()}"
+        print(f"redis {stack.redis.url}, S3 {stack.s3.endpoint} (buckets inputs, outputs); starting worker {node} "
+              f"(log: {stack.directory / 'local.log'})...", file=sys.stderr)
+        stack.start_worker(node).wait_ready(client.app)
+        if args.demo:
+            return demo(args, stack, client)
+        exports = " ".join(f"{k}={v}" for k, v in stack.env().items())
+        print(f"\nThe stack is up. In another shell:\n  export {exports}\n"
+              f"  inpaint-worker submit --image {args.image} --mask {args.mask} --prompt '{args.prompt}'\n"
+              f"Results land in s3://outputs/jobs/<job id>/ at {stack.s3.endpoint}. Ctrl-C stops everything.",
+              file=sys.stderr)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("stopping the stack...", file=sys.stderr)
+        stack.stop()
+
+
+def demo(args: argparse.Namespace, stack: Any, client: Any) -> int:
+    """Upload the sample, submit it, follow it, download the result next to the input."""
+    import time
+
+    s3 = stack.s3.client()
+    request = build_request(argparse.Namespace(request=None, image=None, mask=None, prompt=args.prompt,
+                                               set=["seed=7", "num_inference_steps=20", *args.set]))
+    for name, path in (("image", Path(args.image)), ("mask_image", Path(args.mask))):
+        s3.put_object(Bucket="inputs", Key=path.name, Body=path.read_bytes())
+        request[name] = f"s3://inputs/{path.name}"
+    job_id = client.submit(request)
+    print(f"submitted job {job_id}", file=sys.stderr)
+    bar = ProgressBar()
+    while not (status := client.status(job_id)).done:
+        if status.progress:
+            bar(status.progress)
+        time.sleep(0.1)
+    print(file=sys.stderr)
+    print(status.model_dump_json(indent=2, exclude_none=True))
+    if status.state != "SUCCESS":
+        return 1
+    for image in status.result.images:
+        bucket, key = image.location.removeprefix("s3://").split("/", 1)
+        target = Path(args.image).with_name(f"{Path(args.image).stem}.inpainted-{image.index}.{key.rsplit('.', 1)[1]}")
+        target.write_bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        print(f"downloaded {image.location} to {target}", file=sys.stderr)
+    return 0
 
 
 def file_data_url(path: Path) -> str:

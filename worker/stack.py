@@ -161,8 +161,7 @@ class LocalStack:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {**TEST_CREDENTIALS, "INPAINT_BROKER_URL": self.redis.url, "INPAINT_S3_ENDPOINT_URL": self.s3.endpoint,
-               "INPAINT_OUTPUT_BUCKET": "outputs", "INPAINT_INPUT_BUCKETS": "inputs",
-               "INPAINT_CACHE_DIR": str(self.directory / "cache")}
+               "INPAINT_OUTPUT_BUCKET": "outputs", "INPAINT_INPUT_BUCKETS": "inputs"}
         if self.model:
             env["INPAINT_MODEL"] = self.model
         return {**env, **extra}

@@ -1,0 +1,158 @@
+"""The FastAPI reference backend in examples/ against the real stack: redis-server, S3 over HTTP, a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import box_mask, photo, upload
+from fastapi.testclient import TestClient
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the rootdir on sys.path
+    sys.path.insert(0, str(ROOT))
+
+from examples.fastapi_backend.app import create_app  # noqa: E402
+
+SLOW = {"testkit": {"step_s": 0.15}}
+
+
+@pytest.fixture(scope="module")
+def http(client):
+    with TestClient(create_app(client)) as test_client:
+        yield test_client
+
+
+def request(stack, **fields) -> dict:
+    fields.setdefault("prompt", "a red apple")
+    fields.setdefault("image", upload(stack, "photo.png", photo()))
+    fields.setdefault("mask_image", upload(stack, "mask.png", box_mask()))
+    fields.setdefault("num_inference_steps", 4)
+    fields.setdefault("seed", 1)
+    return fields
+
+
+def submit(http, stack, **fields) -> str:
+    response = http.post("/jobs", json=request(stack, **fields))
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+def poll(http, job_id: str, until, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = http.get(f"/jobs/{job_id}")
+        assert response.status_code == 200
+        if until(body := response.json()):
+            return body
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} never got there; last {body}")
+
+
+def done(body: dict) -> bool:
+    return body["state"] in ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if fields:
+            events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+def test_submit_then_poll_until_success_with_presigned_urls(stack, worker, http):
+    response = http.post("/jobs", json=request(stack))
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    assert response.json() == {"job_id": job_id, "status_url": f"/jobs/{job_id}"}
+    assert response.headers["location"] == f"/jobs/{job_id}"
+
+    body = poll(http, job_id, done)
+    assert body["state"] == "SUCCESS", body
+    assert "error" not in body and "progress" not in body  # exclude_none
+    image = body["result"]["images"][0]
+    assert image["location"] == f"s3://outputs/jobs/{job_id}/0.png"
+    assert urllib.request.urlopen(image["url"], timeout=10).read().startswith(b"\x89PNG")
+    assert body["result"]["parameters"]["num_inference_steps"] == 4
+
+
+def test_an_invalid_request_is_422_naming_the_field(stack, http):
+    response = http.post("/jobs", json=request(stack, strength=2))
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["field"] == "strength", error
+    assert "strength" in error["message"]
+
+    response = http.post("/jobs", json=request(stack, colour="red"))
+    assert response.status_code == 422 and response.json()["error"]["field"] == "colour"
+
+    response = http.post("/jobs", content=b"[1, 2]", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+
+    response = http.post("/jobs", json=request(stack), headers={"Idempotency-Key": "not a job id"})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "Idempotency-Key"
+
+
+def test_the_same_idempotency_key_gives_the_same_job(stack, worker, http):
+    key = f"order-{time.monotonic_ns()}"
+    first = http.post("/jobs", json=request(stack), headers={"Idempotency-Key": key})
+    second = http.post("/jobs", json=request(stack, seed=2), headers={"Idempotency-Key": key})
+    assert first.status_code == second.status_code == 202
+    assert first.json()["job_id"] == second.json()["job_id"] == key
+    body = poll(http, key, done)
+    assert body["state"] == "SUCCESS" and body["result"]["parameters"]["seeds"] == [1]
+
+
+def test_delete_cancels_a_running_job(stack, worker, http):
+    job_id = submit(http, stack, num_inference_steps=40, strength=1.0, plugins=SLOW)
+    poll(http, job_id, lambda body: body.get("progress", {}).get("step", 0) >= 2 or done(body))
+
+    response = http.delete(f"/jobs/{job_id}")
+    assert response.status_code == 202
+    assert response.json() == {"job_id": job_id, "cancel_requested": True}
+
+    body = poll(http, job_id, done)
+    assert body["state"] == "FAILURE" and body["error"]["code"] == "cancelled", body
+
+
+def test_events_stream_progress_then_done(stack, worker, http):
+    job_id = submit(http, stack, num_inference_steps=10, strength=1.0, plugins=SLOW)
+    with http.stream("GET", f"/jobs/{job_id}/events", params={"timeout": 120}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse(response.read().decode())
+
+    names = [name for name, _ in events]
+    assert names[-1] == "done" and names.count("done") == 1 and set(names[:-1]) == {"progress"}, names
+    steps = [data["step"] for name, data in events if name == "progress" and data["stage"] == "denoising"]
+    assert len(set(steps)) >= 2 and steps == sorted(steps), steps
+    final = events[-1][1]
+    assert final["state"] == "SUCCESS" and final["job_id"] == job_id
+    assert final["result"]["images"][0]["url"].startswith("http")
+
+
+def test_the_events_stream_is_bounded_by_its_timeout(http):
+    # nobody submitted this id: it reads PENDING until the stream gives up
+    started = time.monotonic()
+    events = sse(http.get(f"/jobs/never-{time.monotonic_ns()}/events", params={"timeout": 0.5}).text)
+    assert time.monotonic() - started < 10
+    assert [name for name, _ in events] == ["timeout"] and events[0][1]["state"] == "PENDING"
+
+
+def test_importing_the_app_imports_no_torch_and_connects_to_nothing():
+    code = ("import sys, examples.fastapi_backend.app as m; "
+            "assert m.app.state.client is None; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    # a broker nobody listens on: importing must neither fail nor hang on it
+    env = {**os.environ, "INPAINT_BROKER_URL": "redis://127.0.0.1:9/0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,78 @@
+"""`inpaint-worker launch` and `submit` as an operator and a backend developer run them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import box_mask, photo, upload
+
+from worker.launch import plan
+
+
+def test_plan_pins_one_worker_per_gpu_and_names_it():
+    slots = plan(["2", "5"], cpu_workers=0)
+    assert [(s.node, s.env["CUDA_VISIBLE_DEVICES"]) for s in slots] == [("gpu0@%h", "2"), ("gpu1@%h", "5")]
+    cpu = plan([], cpu_workers=2)
+    assert [s.node for s in cpu] == ["cpu0@%h", "cpu1@%h"] and cpu[0].env["INPAINT_DEVICE"] == "cpu"
+
+
+def test_visible_gpus_respects_cuda_visible_devices(monkeypatch):
+    from worker.launch import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert visible_gpus() == ["3", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+
+
+def test_two_cpu_workers_both_take_jobs_and_stop_warmly(stack, worker_env, tmp_path):
+    from worker.app import make_app
+    from worker.client import InpaintClient
+
+    client = InpaintClient(make_app(stack.settings(queue="launch")))
+    env = {**os.environ, **stack.env(INPAINT_QUEUE="launch"), **worker_env, "CUDA_VISIBLE_DEVICES": ""}
+    with open(tmp_path / "launch.log", "wb") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "worker.cli", "launch", "--cpu-workers", "2"], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while len(client.app.control.ping(timeout=0.5)) < 2 and time.monotonic() < deadline:
+            assert launcher.poll() is None, (tmp_path / "launch.log").read_text()
+        image, mask = upload(stack, "launch/photo.png", photo()), upload(stack, "launch/mask.png", box_mask())
+        jobs = [client.submit({"prompt": "a pear", "image": image, "mask_image": mask, "num_inference_steps": 8,
+                               "strength": 1.0, "plugins": {"testkit": {"step_s": 0.1}}}) for _ in range(6)]
+        statuses = [client.wait(job_id, timeout=120) for job_id in jobs]
+        assert all(s.state == "SUCCESS" for s in statuses), [s.error for s in statuses]
+        nodes = {s.result.worker["node"].split("@")[0] for s in statuses}
+        assert nodes == {"cpu0", "cpu1"}
+        # SIGTERM: a running job finishes, then everything exits
+        running = client.submit({"prompt": "a plum", "image": image, "mask_image": mask, "num_inference_steps": 20,
+                                 "strength": 1.0, "plugins": {"testkit": {"step_s": 0.1}}})
+        while not (client.status(running).progress or client.status(running).done):
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 0
+        assert client.status(running).state == "SUCCESS"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_submit_follows_progress_and_prints_the_result(stack, worker, tmp_path):
+    photo().save(tmp_path / "photo.png")
+    box_mask().save(tmp_path / "mask.png")
+    env = {**os.environ, **stack.env()}
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "submit", "--image", str(tmp_path / "photo.png"),
+                           "--mask", str(tmp_path / "mask.png"), "--prompt", "a fig", "--set", "num_inference_steps=6",
+                           "--set", "strength=1.0", "--set", 'plugins={"testkit": {"step_s": 0.05}}'],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "6/6" in done.stderr
+    import json
+
+    status = json.loads(done.stdout)
+    assert status["state"] == "SUCCESS" and status["result"]["images"][0]["url"].startswith("http://127.0.0.1")
