@@ -49,6 +49,17 @@ def test_two_cpu_workers_both_take_jobs_and_stop_warmly(stack, worker_env, tmp_p
         assert all(s.state == "SUCCESS" for s in statuses), [s.error for s in statuses]
         nodes = {s.result.worker["node"].split("@")[0] for s in statuses}
         assert nodes == {"cpu0", "cpu1"}
+        # a crashed worker is restarted
+        stats = client.app.control.inspect(timeout=2).stats()
+        crashed = next(node for node in stats if node.startswith("cpu1@"))
+        os.kill(stats[crashed]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            again = client.app.control.inspect(timeout=1).stats() or {}
+            if crashed in again and again[crashed]["pid"] != stats[crashed]["pid"]:
+                break
+        else:
+            raise AssertionError(f"{crashed} was not restarted: {(tmp_path / 'launch.log').read_text()[-3000:]}")
         # SIGTERM: a running job finishes, then everything exits
         running = client.submit({"prompt": "a plum", "image": image, "mask_image": mask, "num_inference_steps": 20,
                                  "strength": 1.0, "plugins": {"testkit": {"step_s": 0.1}}})
@@ -76,3 +87,25 @@ def test_submit_follows_progress_and_prints_the_result(stack, worker, tmp_path):
 
     status = json.loads(done.stdout)
     assert status["state"] == "SUCCESS" and status["result"]["images"][0]["url"].startswith("http://127.0.0.1")
+
+
+def test_up_demo_runs_the_whole_stack_and_stops_it(tiny_model_dir, tmp_path):
+    photo(96, 64).save(tmp_path / "photo.png")
+    box_mask(96, 64).save(tmp_path / "mask.png")
+    env = {**os.environ, "INPAINT_MODEL": str(tiny_model_dir)}
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "up", "--demo", "--image", str(tmp_path / "photo.png"),
+                           "--mask", str(tmp_path / "mask.png"), "--set", "num_inference_steps=4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopping the stack" in done.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "photo.inpainted-0.png").size == (96, 64)
+    import re
+    import socket
+
+    ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", done.stderr.split("starting worker")[0])]
+    assert len(ports) == 2  # redis and S3: both stopped with the stack
+    for port in ports:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0

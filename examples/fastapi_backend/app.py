@@ -107,7 +107,7 @@ async def _events(client: InpaintClient, job_id: str, timeout: float) -> AsyncIt
     last_progress: dict[str, Any] | None = None
     last_sent = time.monotonic()
     while True:
-        # the client is blocking (redis-py); awaiting it directly would stall every other request
+        # the client is blocking (redis-py); calling it here directly would stall every other request
         status = await run_in_threadpool(client.status, job_id)
         if status.done:
             yield _event("done", _dump(status))
@@ -144,9 +144,12 @@ def _error(status_code: int, code: str, field: str | None, message: str) -> JSON
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = exc.errors()[0] if isinstance(exc, RequestValidationError) and exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        # pydantic locates a JSON syntax error by character offset, which is no field
+        detail = first.get("ctx", {}).get("error", "")
+        return _error(422, "invalid_request", "request", f"the body is not valid JSON: {detail}")
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
     return _error(422, "invalid_request", ".".join(location) or "request",
                   first.get("msg", "the request body must be a JSON object"))
-
 
 app = create_app()
