@@ -187,3 +187,17 @@ def test_storage_error_when_the_output_bucket_is_missing(stack, client, worker_e
         assert status.error["code"] == "storage_error" and "no-such-bucket" in status.error["message"]
     finally:
         broken.stop()
+
+
+def test_secrets_stay_out_of_results_task_state_result_json_and_logs(stack, client, worker):
+    from worker.stack import TEST_CREDENTIALS
+
+    job_id = client.submit(request(stack))
+    status = client.wait(job_id, timeout=60)
+    record = stack.s3.client().get_object(Bucket="outputs", Key=f"jobs/{job_id}/result.json")["Body"].read().decode()
+    state = client.app.backend.client.get(f"celery-task-meta-{job_id}").decode()
+    log = worker.log_path.read_text()
+    secret = TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
+    for text in (status.model_dump_json(), record, state, log):
+        assert secret not in text
+    assert job_id in log  # the log is the worker's own, and it is written
