@@ -201,3 +201,12 @@ def test_secrets_stay_out_of_results_task_state_result_json_and_logs(stack, clie
     for text in (status.model_dump_json(), record, state, log):
         assert secret not in text
     assert job_id in log  # the log is the worker's own, and it is written
+
+
+def test_submit_refuses_a_malformed_job_id_before_sending(client):
+    from worker.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as caught:
+        client.submit({"prompt": "x", "image": "s3://inputs/a.png", "mask_image": "s3://inputs/b.png"},
+                      job_id="../../etc")
+    assert caught.value.field == "job_id"

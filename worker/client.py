@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -16,7 +17,8 @@ from celery import Celery
 from pydantic import BaseModel
 
 from .app import TASK_NAME, cancel_key, make_app, submitted_key
-from .schema import InpaintRequest, InpaintResult, Progress, parse_request
+from .errors import InvalidRequest
+from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, parse_request
 from .settings import Settings
 
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
@@ -24,7 +26,7 @@ TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 
 class JobStatus(BaseModel):
     job_id: str
-    state: str  # PENDING (queued or unknown), STARTED, PROGRESS, SUCCESS, FAILURE
+    state: str  # PENDING (queued, or an id never submitted), STARTED, PROGRESS, SUCCESS, FAILURE
     progress: Progress | None = None
     result: InpaintResult | None = None
     error: dict[str, Any] | None = None  # code, message, and field or plugin when known
@@ -53,8 +55,14 @@ class InpaintClient:
         parsed = parse_request(request)
         payload = request if isinstance(request, dict) else request.model_dump(mode="json", exclude_unset=True)
         job_id = job_id or parsed.job_id or uuid.uuid4().hex
+        if not re.match(JOB_ID_PATTERN, job_id):
+            raise InvalidRequest("job_id", f"{job_id!r:.80} must match {JOB_ID_PATTERN}")
         if self.redis.set(submitted_key(job_id), "1", nx=True, ex=self.result_expires_s):
-            self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id)
+            try:
+                self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id)
+            except Exception:
+                self.redis.delete(submitted_key(job_id))  # not enqueued: let a retry with this id through
+                raise
         return job_id
 
     def status(self, job_id: str) -> JobStatus:
