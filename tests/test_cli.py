@@ -76,7 +76,7 @@ def test_tiny_model_writes_a_loadable_labelled_pipeline(tmp_path):
     assert (tmp_path / "tiny" / "TINY_RANDOM_WEIGHTS.json").is_file()
 
 
-def test_an_installed_plugin_is_found_by_entry_point_and_hears_the_pipeline_load(tiny_model_dir, tmp_path):
+def test_an_installed_plugin_is_found_by_entry_point_and_pipeline_loaded_runs_once(tiny_model_dir, tmp_path):
     import os
     import textwrap
 

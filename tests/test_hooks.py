@@ -11,7 +11,7 @@ import torch
 from conftest import box_mask, data_url, photo
 from PIL import Image, ImageDraw
 
-from worker.errors import PluginError
+from worker.errors import InvalidRequest, PluginError
 from worker.hooks import hookimpl
 from worker.plugins import Plugins
 
@@ -84,7 +84,7 @@ def test_a_postprocess_plugin_can_change_the_images_after_paste_back(runner):
     assert (out[:8, :8] == [0, 255, 0]).all()
 
 
-def test_a_step_hook_can_replace_the_latents(runner):
+def test_step_end_hook_can_replace_the_latents(runner):
     from safetensors.torch import load_file
 
     class Zero:
@@ -182,3 +182,34 @@ def test_hookspecs_each_have_a_docstring():
     specs = [getattr(hooks, name) for name in dir(hooks) if name.startswith("inpaint_")]
     assert len(specs) == 6
     assert all(isinstance(spec, types.FunctionType) and spec.__doc__ for spec in specs)
+
+
+def test_job_finished_hook_gets_the_result_after_the_files_are_written(runner):
+    from pathlib import Path
+
+    seen = []
+
+    class Listener:
+        @hookimpl
+        def inpaint_job_finished(self, job, result):
+            seen.append((job.id, [Path(image.location).is_file() for image in result.images],
+                         Path(result.images[0].location).with_name("result.json").is_file()))
+
+    result = runner.run(manager=manager_with(("listener", Listener())), prompt=["a", "b"])
+    assert seen == [(result.job_id, [True, True], True)]
+
+
+def test_job_failed_hook_hears_the_error_and_cannot_replace_it(runner):
+    seen = []
+
+    class Listener:
+        @hookimpl
+        def inpaint_job_failed(self, job, error):
+            seen.append((job.id, error.code, error.field))
+            raise RuntimeError("a broken failure hook")
+
+    empty = data_url(Image.new("L", (64, 64), 0))
+    with pytest.raises(InvalidRequest) as caught:
+        runner.run(manager=manager_with(("listener", Listener())), mask_image=empty, job_id="failing-job")
+    assert caught.value.field == "mask_image"
+    assert seen == [("failing-job", "invalid_request", "mask_image")]

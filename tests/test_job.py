@@ -270,3 +270,29 @@ def test_a_job_past_its_deadline_stops_at_the_next_step(runner):
         runner.run(deadline_s=0.000001, reporter=seen.append)
     assert caught.value.code == "deadline_exceeded"
     assert not any(p.stage == "uploading" for p in seen)
+
+
+def test_previews_every_n_steps_are_written_and_reported(runner):
+    seen = []
+    result = runner.run(preview_every=2, num_inference_steps=10, strength=0.7, reporter=seen.append)
+    references = list(dict.fromkeys(p.preview for p in seen if p.preview))
+    assert [ref.rsplit("/", 1)[1] for ref in references] == ["0-0002.jpg", "0-0004.jpg", "0-0006.jpg", "0-0007.jpg"]
+    for ref in references:
+        with Image.open(ref) as preview:
+            assert preview.format == "JPEG" and preview.width == 256
+    assert result.images
+    without = []
+    runner.run(reporter=without.append)
+    assert not any(p.preview for p in without)  # off unless asked for
+
+
+def test_the_preview_follows_the_latents(model):
+    from worker.builtin.preview import render_preview
+
+    packed = torch.zeros(1, 64, 16)
+    flat = np.asarray(render_preview(model.pipe, packed, 64, 64)).astype(int)
+    assert flat.reshape(-1, 3).std(axis=0).max() < 1  # one latent everywhere: one colour everywhere
+    packed[:, :32] = 3.0  # the top half of the grid moves
+    split = np.asarray(render_preview(model.pipe, packed, 64, 64)).astype(int)
+    assert np.abs(split[:100] - flat[:100]).max() > 5
+    assert np.abs(split[-100:] - flat[-100:]).max() <= 1

@@ -210,3 +210,21 @@ def test_submit_refuses_a_malformed_job_id_before_sending(client):
         client.submit({"prompt": "x", "image": "s3://inputs/a.png", "mask_image": "s3://inputs/b.png"},
                       job_id="../../etc")
     assert caught.value.field == "job_id"
+
+
+def test_previews_show_in_the_progress_meta_and_are_images_in_s3(stack, client, worker):
+    job_id = client.submit(request(stack, preview_every=3, num_inference_steps=12, strength=1.0,
+                                   plugins={"testkit": {"step_s": 0.1}}))
+    references = []
+    while not (status := client.status(job_id)).done:
+        if status.progress and status.progress.preview and status.progress.preview not in references:
+            references.append(status.progress.preview)
+        time.sleep(0.03)
+    assert status.state == "SUCCESS"
+    assert len(references) >= 2
+    for url in references:
+        assert f"jobs/{job_id}/previews/" in url
+        with Image.open(io.BytesIO(urllib.request.urlopen(url, timeout=10).read())) as preview:
+            assert preview.format == "JPEG" and preview.size[0] == 256
+    keys = [key for key in objects(stack, job_id) if "/previews/" in key]
+    assert [key.rsplit("/", 1)[1] for key in sorted(keys)] == ["0-0003.jpg", "0-0006.jpg", "0-0009.jpg", "0-0012.jpg"]

@@ -238,15 +238,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import Plugins
     from .settings import Settings
 
-    plugins = Plugins(blocked=Settings().plugins_blocked)
-    rows = [{"name": name, "status": "active", "hooks": plugins.hooks_of(name)} for name in plugins.names]
-    rows += [{"name": name, "status": "blocked", "hooks": []} for name in plugins.report.blocked]
-    rows += [{"name": name, "status": f"failed: {why}", "hooks": []} for name, why in plugins.report.failed.items()]
+    rows = Plugins(blocked=Settings().plugins_blocked).describe()
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['name']:<16} {row['status']:<10} {', '.join(row['hooks'])}")
+        return 0
+    for row in rows:
+        source = f"{row.get('distribution', '-')} {row.get('version', '')}".strip()
+        detail = ", ".join(row["hooks"]) or row.get("error", "")
+        print(f"{row['name']:<14} {row['status']:<8} {row.get('kind', '-'):<10} {source:<28} {detail}")
     return 0
 
 

@@ -58,6 +58,8 @@ class Job:
     state: dict[str, Any] = field(default_factory=dict)  # scratch space for plugins
     cancel_requested: Callable[[], bool] = lambda: False
     node: str = ""
+    pipe: Any = None  # the pipeline, for plugins that need its parts (e.g. previews use the VAE)
+    sink: OutputSink | None = None  # where this job's files go; plugins may add their own (previews)
 
     @property
     def image_count(self) -> int:
@@ -87,7 +89,7 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
     job = start(parse_request(request), model, plugins, settings, Tracker(reporter, settings.progress_interval_s),
                 job_id)
     job.cancel_requested = cancel_requested or job.cancel_requested
-    job.node = node or socket.gethostname()
+    job.node, job.pipe, job.sink = node or socket.gethostname(), model.pipe, sink
     hooks = plugins.for_job([name for name, on in job.request.plugins.items() if on is False])
     try:
         job.tracker.enter("fetching")

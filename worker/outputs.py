@@ -22,8 +22,8 @@ class DirectorySink:
         self.directory = Path(directory)
 
     def put(self, name: str, data: bytes, content_type: str) -> tuple[str, str | None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return str(path), None
 

@@ -21,6 +21,7 @@ DEFAULT_PLUGINS = (
     "worker.builtin.mask",
     "worker.builtin.cancel",
     "worker.builtin.deadline",
+    "worker.builtin.preview",
     "worker.builtin.progress",
     "worker.builtin.paste_back",
 )
@@ -31,6 +32,7 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    origin: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> kind, distribution, version
 
 
 def builtin_name(module: str) -> str:
@@ -47,6 +49,8 @@ class Plugins:
         self.blocked = set(blocked)
         self.report = LoadReport()
         for module in builtins:
+            self.report.origin[builtin_name(module)] = {"kind": "built-in", "distribution": "qwen-inpaint-worker",
+                                                        "version": _version("qwen-inpaint-worker")}
             self._register_module(builtin_name(module), module)
         if load_entry_points:
             self._load_entry_points()
@@ -65,6 +69,9 @@ class Plugins:
         from importlib.metadata import entry_points
 
         for entry in entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(entry, "dist", None)
+            self.report.origin[entry.name] = {"kind": "installed", "distribution": dist.name if dist else "?",
+                                              "version": dist.version if dist else "?"}
             if entry.name in self.blocked:
                 self.report.blocked.append(entry.name)
                 continue
@@ -88,10 +95,19 @@ class Plugins:
             return
         self.pm.register(plugin, name=name)
         self.report.loaded.append(name)
+        self.report.origin.setdefault(name, {"kind": "registered", "distribution": "-", "version": "-"})
 
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.pm.list_name_plugin()]
+
+    def describe(self) -> list[dict[str, object]]:
+        """Every plugin seen: name, status (active, blocked, failed), where it comes from, its hooks."""
+        rows = [{"name": name, "status": "active", "hooks": self.hooks_of(name)} for name in self.names]
+        rows += [{"name": name, "status": "blocked", "hooks": []} for name in self.report.blocked]
+        rows += [{"name": name, "status": "failed", "error": why, "hooks": []}
+                 for name, why in self.report.failed.items()]
+        return [{**row, **self.report.origin.get(str(row["name"]), {})} for row in rows]
 
     def hooks_of(self, name: str) -> list[str]:
         plugin = self.pm.get_plugin(name)
@@ -162,6 +178,15 @@ class JobHooks:
             if type(error).__name__ == "OutOfMemoryError":  # torch's: the job's memory, not the plugin's fault
                 raise
             raise PluginError(impl.plugin_name, name, error) from error
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "?"
 
 
 def _first_line(error: Exception) -> str:

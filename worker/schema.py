@@ -68,6 +68,7 @@ class InpaintRequest(BaseModel):
         default_factory=dict, description="Options by plugin name; false turns that plugin off for this job"
     )
     deadline_s: float | None = Field(None, gt=0)
+    preview_every: int | None = Field(None, ge=1, description="A small preview every N denoising steps")
 
     @field_validator("padding_mask_crop", mode="before")
     @classmethod

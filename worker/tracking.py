@@ -26,6 +26,7 @@ class Tracker:
         self._stage_started = self.started
         self._last_report = float("-inf")
         self._denoise_started: float | None = None
+        self._new_preview: str | None = None
         self.progress = Progress(stage="fetching")
 
     def enter(self, stage: Stage) -> None:
@@ -39,7 +40,11 @@ class Tracker:
         self.progress = self.progress.model_copy(update={"stage": stage})
         self._report(force=True)
 
-    def step(self, image: int, images: int, step: int, steps_per_image: int, preview: str | None = None) -> None:
+    def preview(self, reference: str) -> None:
+        """A new preview image: reported with the next step, whatever the throttle."""
+        self._new_preview = reference
+
+    def step(self, image: int, images: int, step: int, steps_per_image: int) -> None:
         done, total = image * steps_per_image + step, images * steps_per_image
         now = time.monotonic()
         rate = (now - self._denoise_started) / done if self._denoise_started is not None else None
@@ -47,9 +52,10 @@ class Tracker:
             "step": done, "total_steps": total, "image": image, "images": images,
             "percent": round(100.0 * done / total, 1),
             "eta_s": round(rate * (total - done), 2) if rate is not None else None,
-            "preview": preview or self.progress.preview,
+            "preview": self._new_preview or self.progress.preview,
         })
-        self._report(force=done == total or preview is not None)
+        self._report(force=done == total or self._new_preview is not None)
+        self._new_preview = None
 
     def finish(self) -> dict[str, float]:
         self._close_stage()
