@@ -116,10 +116,6 @@ def start(request: InpaintRequest, model: LoadedModel, plugins: Plugins, setting
                     model.size_factor)
     limits.check(request)
     options = plugins.check_options(request.plugins)
-    for name in plugins.names:  # every active plugin gets its options object, defaults filled in
-        model_cls = getattr(plugins.pm.get_plugin(name), "Options", None)
-        if name not in options and model_cls is not None:
-            options[name] = model_cls()
     deadline_s = request.deadline_s or settings.max_deadline_s
     params = {name: getattr(request, name) for name in PIPELINE_FIELDS}
     return Job(id=job_id or request.job_id or uuid.uuid4().hex, request=request, limits=limits, tracker=tracker,

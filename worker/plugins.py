@@ -114,10 +114,14 @@ class Plugins:
         return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Validate a request's `plugins` field: known names, and options each plugin's `Options` model accepts."""
+        """Each active plugin's options for a job: the request's, validated by the plugin's `Options` model,
+        or the model's defaults (which may come from the environment)."""
         validated = {}
         for name, value in options.items():
             plugin = self.pm.get_plugin(name)
+            if plugin is None and name in self.report.blocked:
+                log.warning("options for plugin %r are ignored: the operator blocked it", name)
+                continue
             if plugin is None:
                 raise InvalidRequest(f"plugins.{name}", f"no plugin of that name is active; active: {self.names}")
             model = getattr(plugin, "Options", None)
@@ -128,6 +132,13 @@ class Plugins:
                 validated[name] = model.model_validate(value if isinstance(value, dict) else {})
             except Exception as error:  # pydantic's ValidationError
                 raise InvalidRequest(f"plugins.{name}", _first_line(error)) from None
+        for name in self.names:
+            model = getattr(self.pm.get_plugin(name), "Options", None)
+            if name not in validated and model is not None:
+                try:
+                    validated[name] = model()
+                except Exception as error:  # the operator's configuration, not the request, is wrong
+                    raise PluginError(name, "Options", error) from None
         return validated
 
     def for_job(self, disabled: Iterable[str]) -> JobHooks:
@@ -193,6 +204,6 @@ def _first_line(error: Exception) -> str:
     errors = getattr(error, "errors", None)
     if callable(errors):
         return "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in errors()
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg'].removeprefix('Value error, ')}" for e in errors()
         )
     return str(error)

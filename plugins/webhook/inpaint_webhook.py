@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -115,7 +115,7 @@ class Settings:
     attempts: int = 4
     backoff_s: float = 0.5
     timeout_s: float = 5.0
-    secret: bytes | None = None
+    secret: bytes | None = field(default=None, repr=False)  # never in logs
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -1,12 +1,11 @@
 import random
 from types import SimpleNamespace
 
+import inpaint_watermark as wm
 import pytest
+from inpaint_watermark import Options, apply_watermark, inpaint_postprocess, render_mark, watermark_box
 from PIL import Image, ImageChops
 from pydantic import ValidationError
-
-import inpaint_watermark as wm
-from inpaint_watermark import Options, apply_watermark, inpaint_postprocess, render_mark, watermark_box
 
 W, H = 320, 240
 

@@ -1,0 +1,82 @@
+"""Cost of a live preview against the cost of a denoising step, in the same process.
+
+    python bench/preview.py [--size 512] [--steps 8] [--quick]
+
+Times a denoising step (best of three jobs) and what the preview hook does per preview
+(render + JPEG + write, median of 20) on the configured model (INPAINT_MODEL, else the
+tiny random-weight model), and prints both and their ratio. On the tiny CPU model a step is cheap, so
+the ratio overstates what a preview costs beside a real model's step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from worker import job  # noqa: E402
+from worker.builtin.preview import render_preview  # noqa: E402
+from worker.inputs import LocalFetcher  # noqa: E402
+from worker.outputs import DirectorySink  # noqa: E402
+from worker.pipeline import load_model  # noqa: E402
+from worker.plugins import Plugins  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+
+def png_url(image: Image.Image) -> str:
+    import base64
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the script working in the tests")
+    args = parser.parse_args()
+    size, steps = (64, 2) if args.quick else (args.size, args.steps)
+    settings = Settings(progress_interval_s=0)
+    model = load_model(settings)
+    plugins = Plugins(load_entry_points=False)
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    request = {"prompt": "a bench", "image": png_url(Image.new("RGB", (size, size), (90, 120, 150))),
+               "mask_image": png_url(mask), "num_inference_steps": steps, "strength": 1.0, "seed": 0}
+
+    def timed(**extra: object) -> dict:
+        with tempfile.TemporaryDirectory() as out:
+            result = job.run({**request, **extra}, model=model, plugins=plugins, fetcher=LocalFetcher(10**8),
+                             sink=DirectorySink(out), settings=settings)
+        return result.timings
+
+    timed()  # warm-up
+    per_step = min(timed()["denoising"] for _ in range(3)) / steps
+    packed = torch.randn(1, (size // model.size_factor) ** 2, model.latent_channels * 4)
+    costs = []
+    with tempfile.TemporaryDirectory() as out:
+        sink = DirectorySink(out)
+        for index in range(20):  # what the preview hook does per preview
+            started = time.perf_counter()
+            buffer = io.BytesIO()
+            render_preview(model.pipe, packed, size, size).save(buffer, format="JPEG", quality=80)
+            sink.put(f"previews/0-{index:04d}.jpg", buffer.getvalue(), "image/jpeg")
+            costs.append(time.perf_counter() - started)
+    per_preview = sorted(costs)[len(costs) // 2]
+    print(f"model {model.name} on {model.device}, {size}x{size}, {steps} steps")
+    print(f"step: {per_step * 1000:.1f} ms; preview (render + JPEG + write, median of 20): "
+          f"{per_preview * 1000:.2f} ms; preview / step = {per_preview / per_step:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The smallest working plugin: one option, one hook. Copy this folder to start your own (see README.md)."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import BaseModel, ConfigDict
+
+from worker.hooks import hookimpl
+
+NAME = "template"  # the entry-point name in pyproject.toml: what requests use in "plugins"
+log = logging.getLogger("inpaint_template")
+
+
+class Options(BaseModel):
+    """A job's `"plugins": {"template": {...}}`, validated when the job starts; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    greeting: str = "hello"
+
+
+@hookimpl
+def inpaint_job_finished(job, result) -> None:
+    """Called after a job's outputs are written. Take only the keyword arguments you need."""
+    options = job.options(NAME)
+    if not isinstance(options, Options):  # a raw dict when a request passed `true`
+        options = Options.model_validate(options or {})
+    log.info("%s from job %s (%d image(s))", options.greeting, job.id, len(getattr(result, "images", [])))
