@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import torch
-from conftest import box_mask, photo
 from PIL import Image
+from support import box_mask, photo
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -11,8 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import box_mask, photo, upload
 from fastapi.testclient import TestClient
+from support import box_mask, photo, upload
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the rootdir on sys.path

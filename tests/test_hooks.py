@@ -8,8 +8,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import box_mask, data_url, photo
 from PIL import Image, ImageDraw
+from support import box_mask, data_url, photo
 
 from worker.errors import InvalidRequest, PluginError
 from worker.hooks import hookimpl

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import box_mask, data_url, photo
 from PIL import Image
 from safetensors.torch import save_file
+from support import box_mask, data_url, photo
 
 from worker.errors import DeadlineExceeded, InvalidRequest, JobError
 

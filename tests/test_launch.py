@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import box_mask, photo, upload
+from support import box_mask, photo, upload
 
 from worker.launch import plan
 

@@ -9,8 +9,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import box_mask, data_url, photo, upload
 from PIL import Image
+from support import box_mask, data_url, photo, upload
 
 HOST = socket.gethostname()
 SLOW = {"testkit": {"step_s": 0.15}}
