@@ -81,6 +81,11 @@ def client(stack):
 def worker(stack, client, worker_env):
     import socket
 
-    process = stack.start_worker(f"w1@{socket.gethostname()}", **worker_env).wait_ready(client.app)
+    from worker.stack import free_port
+
+    port = free_port()
+    process = stack.start_worker(f"w1@{socket.gethostname()}", INPAINT_LOG_FORMAT="json",
+                                 INPAINT_METRICS_PORT=str(port), **worker_env).wait_ready(client.app)
+    process.metrics_port = port
     yield process
     process.stop()

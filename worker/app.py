@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import setup_logging
 
+from . import logs
 from .settings import Settings, get_settings
 
 TASK_NAME = "inpaint"
@@ -43,6 +45,13 @@ def make_app(settings: Settings) -> Celery:
 
 
 app = make_app(get_settings())
+
+
+@setup_logging.connect
+def configure_worker_logging(**_: object) -> None:
+    """Our format (text or JSON, the job id on every line) instead of Celery's."""
+    settings = get_settings()
+    logs.configure(settings.log_format, settings.log_level)
 
 
 def cancel_key(job_id: str) -> str:

@@ -157,6 +157,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    import importlib.util
     import signal
     import socket
     import time
@@ -166,7 +167,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .stack import LocalStack
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop what we started on SIGTERM too
-    stack = LocalStack().start()
+    # Flower beside a stack left up (not for --demo, which stays fast); started before the worker to see its events
+    flower = not args.demo and importlib.util.find_spec("flower") is not None
+    if not args.demo and not flower:
+        print("note: Flower is not installed (pip install flower), so the stack runs without it", file=sys.stderr)
+    stack = LocalStack(flower=flower).start()
     try:
         client = InpaintClient(make_app(stack.settings()))
         node = f"local@{socket.gethostname()}"
@@ -176,6 +181,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.demo:
             return demo(args, stack, client)
         exports = " ".join(f"{k}={v}" for k, v in stack.env().items())
+        if stack.flower:
+            print(f"\nFlower: {stack.flower.url} (user {stack.flower.user}, password {stack.flower.password}; "
+                  f"generated for this run; log: {stack.directory / 'flower' / 'flower.log'})", file=sys.stderr)
         print(f"\nThe stack is up. In another shell:\n  export {exports}\n"
               f"  inpaint-worker submit --image {args.image} --mask {args.mask} --prompt '{args.prompt}'\n"
               f"Results land in s3://outputs/jobs/<job id>/ at {stack.s3.endpoint}. Ctrl-C stops everything.",

@@ -59,7 +59,8 @@ class InpaintClient:
             raise InvalidRequest("job_id", f"{job_id!r:.80} must match {JOB_ID_PATTERN}")
         if self.redis.set(submitted_key(job_id), "1", nx=True, ex=self.result_expires_s):
             try:
-                self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id)
+                self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id,
+                                   headers={"inpaint_submitted_at": time.time()})  # for the queue-wait metric
             except Exception:
                 self.redis.delete(submitted_key(job_id))  # not enqueued: let a retry with this id through
                 raise

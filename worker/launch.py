@@ -49,15 +49,20 @@ def worker_command(node: str, queue: str, loglevel: str = "INFO") -> list[str]:
             "--hostname", node, "--queues", queue, "--task-events", "--loglevel", loglevel]
 
 
-def plan(gpus: list[str], cpu_workers: int) -> list[Slot]:
+def plan(gpus: list[str], cpu_workers: int, metrics_port: int | None = None) -> list[Slot]:
     if gpus:
-        return [Slot(f"gpu{i}@%h", {"CUDA_VISIBLE_DEVICES": gpu}) for i, gpu in enumerate(gpus)]
-    return [Slot(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "INPAINT_DEVICE": "cpu"}) for i in range(cpu_workers)]
+        slots = [Slot(f"gpu{i}@%h", {"CUDA_VISIBLE_DEVICES": gpu}) for i, gpu in enumerate(gpus)]
+    else:
+        slots = [Slot(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "INPAINT_DEVICE": "cpu"}) for i in range(cpu_workers)]
+    for i, slot in enumerate(slots):  # one metrics port per worker process
+        if metrics_port:
+            slot.env["INPAINT_METRICS_PORT"] = str(metrics_port + i)
+    return slots
 
 
 def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0) -> int:
     """Start the workers and supervise them until SIGTERM/SIGINT, which is passed on for a warm shutdown."""
-    slots = plan(visible_gpus(), cpu_workers)
+    slots = plan(visible_gpus(), cpu_workers, settings.metrics_port)
     if not slots:
         log.error("no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi); use --cpu-workers N to run on the CPU")
         return 2

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     presign_expiry_s: int = Field(3600, gt=0, description="Lifetime of the presigned URLs in results")
     storage_attempts: int = Field(5, ge=1, description="Tries of each S3 call before storage_error")
     storage_backoff_s: float = Field(0.5, ge=0, description="First wait between S3 tries; doubles each time")
+    log_format: Literal["text", "json"] = Field("text", description="Worker log lines: text, or one JSON object each")
+    log_level: str = Field("INFO", description="Worker log level")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve Prometheus metrics here; launch gives worker i this port + i"
+    )
+    metrics_address: str = Field("127.0.0.1", description="Address the metrics server binds (0.0.0.0 in containers)")
 
     @model_validator(mode="after")
     def _visibility_covers_the_longest_job(self) -> Settings:

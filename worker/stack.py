@@ -7,6 +7,7 @@ on 127.0.0.1, on free ports, with its files in one temporary directory, and stop
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from .settings import Settings
 
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local-stack-key", "AWS_SECRET_ACCESS_KEY": "local-stack-secret",
                     "AWS_DEFAULT_REGION": "us-east-1"}
+FLOWER_CONF = Path(__file__).resolve().parent.parent / "flower.cfg"  # the repository's, as operators run it
 
 
 def free_port() -> int:
@@ -141,15 +143,62 @@ class WorkerProcess:
         stop_process(self.process, sig, timeout)
 
 
+class FlowerProcess:
+    """Flower on loopback with the repository's flower.cfg, its basic-auth password generated for this process."""
+
+    def __init__(self, broker_url: str, directory: Path, conf: Path = FLOWER_CONF, user: str = "inpaint"):
+        self.broker_url, self.directory, self.conf = broker_url, directory, conf
+        self.port = free_port()
+        self.user, self.password = user, secrets.token_urlsafe(24)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def credentials(self) -> str:
+        return f"{self.user}:{self.password}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "celery", "--broker", self.broker_url, "flower", f"--conf={self.conf}",
+                f"--port={self.port}", "--address=127.0.0.1"]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "FLOWER_BASIC_AUTH": self.credentials, "FLOWER_DB": str(self.directory / "flower.db")}
+
+    def start(self, timeout: float = 60) -> FlowerProcess:
+        import importlib.util
+        import urllib.request
+
+        if importlib.util.find_spec("flower") is None:
+            raise RuntimeError("Flower is not installed (pip install flower; the test extra has it)")
+        if not self.conf.is_file():
+            raise RuntimeError(f"{self.conf} not found: Flower runs from a source checkout")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.directory / "flower.log", "ab")
+        self.process = subprocess.Popen(self.command(), env=self.env(), cwd=self.directory, stdout=log,
+                                        stderr=subprocess.STDOUT)
+        # /healthcheck is the one page Flower serves without credentials
+        wait_for(lambda: urllib.request.urlopen(f"{self.url}/healthcheck", timeout=1).status == 200, timeout,
+                 f"Flower (log: {self.directory / 'flower.log'})", self.process)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
 class LocalStack:
     """Redis, S3 with an input and an output bucket, and the environment a worker and a client need."""
 
-    def __init__(self, directory: Path | None = None, model: str | None = None):
+    def __init__(self, directory: Path | None = None, model: str | None = None, flower: bool = False):
         self.directory = Path(directory or tempfile.mkdtemp(prefix="inpaint-stack-"))
         self.redis = RedisServer(self.directory / "redis")
         self.s3 = S3Server(self.directory / "s3")
         self.model = model
         self.workers: list[WorkerProcess] = []
+        # started before any worker, so it sees every event (Flower knows only what it has seen)
+        self.flower = FlowerProcess(self.redis.url, self.directory / "flower") if flower else None
 
     def start(self) -> LocalStack:
         self.redis.start()
@@ -157,6 +206,12 @@ class LocalStack:
         client = self.s3.client()
         for bucket in ("inputs", "outputs"):
             client.create_bucket(Bucket=bucket)
+        if self.flower:
+            try:
+                self.flower.start()
+            except BaseException:
+                self.stop()  # nothing left running when Flower cannot start
+                raise
         return self
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -176,6 +231,8 @@ class LocalStack:
         return worker
 
     def stop(self) -> None:
+        if self.flower:
+            self.flower.stop()
         for worker in self.workers:
             worker.stop()
         self.s3.stop()

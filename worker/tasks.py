@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from celery.signals import worker_init
 
-from . import job
+from . import job, logs, metrics
 from .app import TASK_NAME, app, cancel_key
 from .errors import Cancelled, InvalidRequest, JobError, JobFailed
 from .pipeline import LoadedModel, load_model
@@ -44,17 +45,42 @@ def runtime() -> Runtime:
             log.info("worker ready: model %s on %s loaded in %.1f s; plugins %s", model.name, model.device,
                      model.load_s, plugins.names)
             _runtime = Runtime(model, plugins, StorageFetcher(settings))
+            metrics.MODEL_LOAD_SECONDS.set(model.load_s)
         return _runtime
 
 
 @worker_init.connect
 def load_before_the_first_job(**_: Any) -> None:
+    settings = get_settings()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.metrics_address)
     runtime()
 
 
-@app.task(name=TASK_NAME, bind=True)
+@app.task(name=TASK_NAME, bind=True, throws=(JobFailed,))  # expected failures: logged without a traceback
 def inpaint(self: Any, request: dict) -> dict:
-    job_id, settings, done = self.request.id, get_settings(), self.AsyncResult(self.request.id)
+    job_id, started = self.request.id, time.time()
+    token = logs.current_job.set(job_id)
+    try:
+        log.info("job started")
+        submitted = getattr(self.request, "inpaint_submitted_at", None)  # set by InpaintClient.submit
+        if submitted:
+            metrics.queue_waited(started - submitted)
+        result = run_job(self, job_id, request)
+    except JobFailed as failed:
+        metrics.job_ended(failed.code, time.time() - started)
+        raise
+    else:
+        metrics.job_ended("success", time.time() - started, result["timings"],
+                          result["parameters"]["steps_run"] * result["parameters"]["images"])
+        log.info("job succeeded in %.2f s", time.time() - started)
+        return result
+    finally:
+        logs.current_job.reset(token)
+
+
+def run_job(self: Any, job_id: str, request: dict) -> dict:
+    settings, done = get_settings(), self.AsyncResult(job_id)
     if done.state == "SUCCESS":  # redelivered after it finished: hand back what it made
         return done.result
     redis = app.backend.client
@@ -72,7 +98,7 @@ def inpaint(self: Any, request: dict) -> dict:
                          cancel_requested=lambda: bool(redis.exists(cancel_key(job_id))),
                          job_id=job_id, node=self.request.hostname)
     except JobError as error:
-        log.warning("job %s failed: %s", job_id, error)
+        log.warning("job failed: %s", error)
         raise JobFailed.from_error(error) from None
     return result.model_dump(mode="json")
 

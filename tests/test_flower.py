@@ -1,0 +1,108 @@
+"""Flower with the repository's flower.cfg, against the real stack: authentication, workers, finished tasks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from support import box_mask, photo, upload
+
+from worker.stack import FLOWER_CONF, FlowerProcess, free_port, stop_process
+
+pytest.importorskip("flower")
+
+SLOW = {"testkit": {"step_s": 0.15}}
+
+
+@pytest.fixture(scope="module")
+def flower(stack, tmp_path_factory):
+    # started before the module's jobs: Flower knows only the events it has seen
+    process = FlowerProcess(stack.redis.url, tmp_path_factory.mktemp("flower")).start()
+    yield process
+    process.stop()
+    assert process.process.returncode is not None
+
+
+def get(flower: FlowerProcess, path: str, credentials: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()} if credentials else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(flower.url + path, headers=headers), timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def api(flower: FlowerProcess, path: str) -> dict:
+    status, body = get(flower, path, flower.credentials)
+    assert status == 200, (path, status, body[:200])
+    return json.loads(body)
+
+
+def poll(check, timeout: float = 30, interval: float = 0.25):
+    """The first truthy value of check() within timeout seconds (events reach Flower asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def test_the_api_and_the_pages_refuse_requests_without_the_right_credentials(flower):
+    assert get(flower, "/api/workers") [0] == 401
+    assert get(flower, "/api/tasks")[0] == 401
+    assert get(flower, "/")[0] == 401
+    assert get(flower, "/api/workers", f"{flower.user}:wrong")[0] == 401
+    assert get(flower, "/api/workers", f"someone:{flower.password}")[0] == 401
+    assert get(flower, "/api/workers", flower.credentials)[0] == 200
+
+
+def test_the_worker_is_online_during_a_long_job_and_the_finished_task_is_listed(stack, client, worker, flower):
+    job_id = client.submit({"prompt": "a red apple", "image": upload(stack, "flower-photo.png", photo()),
+                            "mask_image": upload(stack, "flower-mask.png", box_mask()), "seed": 1,
+                            "num_inference_steps": 40, "strength": 1.0, "plugins": SLOW})
+    assert poll(lambda: (p := client.status(job_id).progress) and p.stage == "denoising"), "the job did not start"
+
+    # while it runs: the worker answers Flower's inspect, and its heartbeats say it is online
+    workers = poll(lambda: api(flower, "/api/workers?refresh=1").get(worker.node))
+    assert workers, "Flower's inspect did not list the worker"
+    assert workers["stats"]["pid"] == worker.process.pid
+    assert "inpaint" in workers["registered"]
+    assert poll(lambda: api(flower, "/api/workers?status=1").get(worker.node) is True)
+    assert poll(lambda: api(flower, f"/api/task/info/{job_id}").get("state") == "STARTED")
+
+    assert client.wait(job_id, timeout=120).state == "SUCCESS"
+    task = poll(lambda: (t := api(flower, "/api/tasks").get(job_id)) and t["state"] == "SUCCESS" and t)
+    assert task, api(flower, "/api/tasks").get(job_id)
+    assert task["name"] == "inpaint" and task["worker"] == worker.node
+    assert task["runtime"] > 40 * 0.15 * 0.5  # 40 slow steps ran in it
+    # the task-progress events the job sent are kept on the task
+    assert task.get("stage") == "uploading" and task.get("total_steps") == 40
+
+
+@pytest.mark.parametrize("credentials", [None, "", "admin", "admin:", ":password"])
+def test_flower_does_not_start_without_usable_credentials(stack, tmp_path, credentials):
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    if credentials is not None:
+        env["FLOWER_BASIC_AUTH"] = credentials
+    port = free_port()
+    process = subprocess.Popen([os.sys.executable, "-m", "celery", "--broker", stack.redis.url, "flower",
+                                f"--conf={FLOWER_CONF}", f"--port={port}", "--address=127.0.0.1"], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = process.communicate(timeout=60)
+    finally:
+        stop_process(process, timeout=10)
+    assert process.returncode != 0
+    assert b"FLOWER_BASIC_AUTH must be set" in output
+    if credentials:
+        assert credentials.encode() not in output.replace(b"FLOWER_BASIC_AUTH", b"")  # no password echoed
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
+    assert not list(tmp_path.glob("flower.db*"))

@@ -1,0 +1,71 @@
+"""What operators watch: Prometheus metrics, JSON logs with the job id on every line, the documented settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+from support import box_mask, photo, upload
+
+from worker.settings import Settings
+
+ROOT = Path(__file__).parent.parent
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def job(stack, **fields) -> dict:
+    return {"prompt": "a kiwi", "image": upload(stack, "ops/photo.png", photo()),
+            "mask_image": upload(stack, "ops/mask.png", box_mask()), "num_inference_steps": 4, **fields}
+
+
+def test_metrics_count_jobs_by_outcome_and_time_them(stack, client, worker):
+    before = scrape(worker.metrics_port)
+    assert client.wait(client.submit(job(stack)), timeout=60).state == "SUCCESS"
+    failed = client.wait(client.submit(job(stack, image="s3://inputs/nothing-here.png")), timeout=60)
+    assert failed.error["code"] == "input_not_found"
+    after = scrape(worker.metrics_port)
+
+    def moved(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert moved('inpaint_jobs_total{outcome="success"}') == 1
+    assert moved('inpaint_jobs_total{outcome="input_not_found"}') == 1
+    assert moved("inpaint_job_duration_seconds_count") == 2
+    assert moved("inpaint_queue_wait_seconds_count") == 2
+    assert moved("inpaint_step_seconds_count") == 1
+    assert after["inpaint_model_load_seconds"] > 0
+
+
+def test_json_logs_carry_the_job_id_on_every_line_of_a_job(stack, client, worker):
+    job_id = client.submit(job(stack))
+    assert client.wait(job_id, timeout=60).state == "SUCCESS"
+    time.sleep(0.5)  # let the last lines reach the file
+    lines = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("job_id") == job_id]
+    messages = [line["message"] for line in mine]
+    assert "job started" in messages and any(m.startswith("job succeeded") for m in messages)
+    # every line the job logged, and every line that speaks of it, carries its id
+    assert all(line.get("job_id") == job_id for line in lines if job_id in line["message"]
+               and "received" not in line["message"])
+    assert {"ts", "level", "logger", "message"} <= set(mine[0])
+
+
+def test_the_readme_configuration_table_lists_every_setting_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(INPAINT_\w+)` \| ([^|]+) \|", readme, re.M))
+    expected = {f"INPAINT_{name.upper()}" for name in Settings.model_fields}
+    assert set(rows) == expected, f"missing: {expected - set(rows)}, unknown: {set(rows) - expected}"
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, int | float | str) and not isinstance(default, bool):
+            shown = rows[f"INPAINT_{name.upper()}"]
+            assert str(default) in shown or f"{default:g}" in shown if isinstance(default, float) else \
+                str(default) in shown, f"INPAINT_{name.upper()}: README says {shown.strip()}, the default is {default}"

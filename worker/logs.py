@@ -1,0 +1,56 @@
+"""Worker logging: text or JSON lines, and the id of the running job on every line logged while it runs."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+
+current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_job", default=None)
+
+
+class JobIdFilter(logging.Filter):
+    """Tags each record with the running job's id; Celery's own lines about the task get it too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job_id = current_job.get() or _celery_task_id()
+        if record.name == "celery.app.trace" and isinstance(record.args, dict) and "return_value" in record.args:
+            # the result holds presigned URLs, which grant access: it belongs in the task state, not the log
+            record.args = {**record.args, "return_value": "(result stored in the task state)"}
+        return True
+
+
+def _celery_task_id() -> str | None:
+    from celery import current_task
+
+    request = getattr(current_task, "request", None) if current_task else None
+    return getattr(request, "id", None)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": round(record.created, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if getattr(record, "job_id", None):
+            line["job_id"] = record.job_id
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        job = getattr(record, "job_id", None)
+        prefix = f"[job {job}] " if job else ""
+        return super().format(record).replace("%JOB%", prefix)
+
+
+def configure(fmt: str = "text", level: str | int = "INFO") -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(JobIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         TextFormatter("%(asctime)s %(levelname)s %(name)s: %JOB%%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
