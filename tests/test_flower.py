@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +45,11 @@ def api(flower: FlowerProcess, path: str) -> dict:
     return json.loads(body)
 
 
+def task_state(flower: FlowerProcess, task_id: str) -> str | None:
+    status, body = get(flower, f"/api/task/info/{task_id}", flower.credentials)
+    return json.loads(body)["state"] if status == 200 else None  # 404 until Flower has seen an event of it
+
+
 def poll(check, timeout: float = 30, interval: float = 0.25):
     """The first truthy value of check() within timeout seconds (events reach Flower asynchronously)."""
     deadline = time.monotonic() + timeout
@@ -55,7 +61,7 @@ def poll(check, timeout: float = 30, interval: float = 0.25):
 
 
 def test_the_api_and_the_pages_refuse_requests_without_the_right_credentials(flower):
-    assert get(flower, "/api/workers") [0] == 401
+    assert get(flower, "/api/workers")[0] == 401
     assert get(flower, "/api/tasks")[0] == 401
     assert get(flower, "/")[0] == 401
     assert get(flower, "/api/workers", f"{flower.user}:wrong")[0] == 401
@@ -69,30 +75,30 @@ def test_the_worker_is_online_during_a_long_job_and_the_finished_task_is_listed(
                             "num_inference_steps": 40, "strength": 1.0, "plugins": SLOW})
     assert poll(lambda: (p := client.status(job_id).progress) and p.stage == "denoising"), "the job did not start"
 
-    # while it runs: the worker answers Flower's inspect, and its heartbeats say it is online
+    # the job's task-progress events show in Flower as the custom state PROGRESS
+    assert poll(lambda: task_state(flower, job_id) == "PROGRESS"), task_state(flower, job_id)
+    # while it still runs: the worker answers Flower's inspect, and its heartbeats say it is online
     workers = poll(lambda: api(flower, "/api/workers?refresh=1").get(worker.node))
     assert workers, "Flower's inspect did not list the worker"
     assert workers["stats"]["pid"] == worker.process.pid
     assert "inpaint" in workers["registered"]
     assert poll(lambda: api(flower, "/api/workers?status=1").get(worker.node) is True)
-    assert poll(lambda: api(flower, f"/api/task/info/{job_id}").get("state") == "STARTED")
+    assert not client.status(job_id).done, "the job ended before Flower was asked"
 
     assert client.wait(job_id, timeout=120).state == "SUCCESS"
     task = poll(lambda: (t := api(flower, "/api/tasks").get(job_id)) and t["state"] == "SUCCESS" and t)
     assert task, api(flower, "/api/tasks").get(job_id)
     assert task["name"] == "inpaint" and task["worker"] == worker.node
     assert task["runtime"] > 40 * 0.15 * 0.5  # 40 slow steps ran in it
-    # the task-progress events the job sent are kept on the task
-    assert task.get("stage") == "uploading" and task.get("total_steps") == 40
 
 
-@pytest.mark.parametrize("credentials", [None, "", "admin", "admin:", ":password"])
+@pytest.mark.parametrize("credentials", [None, "", "a-bare-secret-Zq9", "ops:", ":secret-Zq9", "ops:x,secret-Zq9"])
 def test_flower_does_not_start_without_usable_credentials(stack, tmp_path, credentials):
     env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
     if credentials is not None:
         env["FLOWER_BASIC_AUTH"] = credentials
     port = free_port()
-    process = subprocess.Popen([os.sys.executable, "-m", "celery", "--broker", stack.redis.url, "flower",
+    process = subprocess.Popen([sys.executable, "-m", "celery", "--broker", stack.redis.url, "flower",
                                 f"--conf={FLOWER_CONF}", f"--port={port}", "--address=127.0.0.1"], env=env,
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -101,8 +107,7 @@ def test_flower_does_not_start_without_usable_credentials(stack, tmp_path, crede
         stop_process(process, timeout=10)
     assert process.returncode != 0
     assert b"FLOWER_BASIC_AUTH must be set" in output
-    if credentials:
-        assert credentials.encode() not in output.replace(b"FLOWER_BASIC_AUTH", b"")  # no password echoed
+    assert b"Zq9" not in output  # a malformed entry may be a bare password: it is never echoed
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
     assert not list(tmp_path.glob("flower.db*"))

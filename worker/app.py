@@ -39,6 +39,9 @@ def make_app(settings: Settings) -> Celery:
             "unacked_restore_throttle": settings.unacked_restore_throttle,
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # a Redis restart during a job must not lose its outcome: keep trying to store it
+        result_backend_always_retry=True,
+        result_backend_max_retries=30,
         worker_hijack_root_logger=False,
     )
     return app

@@ -57,7 +57,7 @@ class Job:
     image_index: int = 0
     state: dict[str, Any] = field(default_factory=dict)  # scratch space for plugins
     cancel_requested: Callable[[], bool] = lambda: False
-    node: str = ""
+    worker: dict[str, Any] = field(default_factory=dict)  # node, queue wait: recorded in the result
     pipe: Any = None  # the pipeline, for plugins that need its parts (e.g. previews use the VAE)
     sink: OutputSink | None = None  # where this job's files go; plugins may add their own (previews)
 
@@ -84,12 +84,13 @@ class Job:
 def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins, fetcher: Fetcher,
         sink: OutputSink, settings: Settings, reporter: Reporter = no_reporter,
         cancel_requested: Callable[[], bool] | None = None, job_id: str | None = None,
-        node: str | None = None) -> InpaintResult:
+        worker: dict[str, Any] | None = None) -> InpaintResult:
     """Run one job to the end; raise a `JobError` (with its code) if it fails."""
     job = start(parse_request(request), model, plugins, settings, Tracker(reporter, settings.progress_interval_s),
                 job_id)
     job.cancel_requested = cancel_requested or job.cancel_requested
-    job.node, job.pipe, job.sink = node or socket.gethostname(), model.pipe, sink
+    job.worker = {"node": socket.gethostname(), **(worker or {})}
+    job.pipe, job.sink = model.pipe, sink
     hooks = plugins.for_job([name for name, on in job.request.plugins.items() if on is False])
     try:
         job.tracker.enter("fetching")
@@ -307,7 +308,7 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
             output_type=request.output_type, plugins=job.plugins),
         timings=job.tracker.finish(),
         model=model.describe(),
-        worker={"node": job.node, "device": device_name(model), "versions": versions()},
+        worker={**job.worker, "device": device_name(model), "versions": versions()},
     )
     record = {**result.model_dump(mode="json"), "request": redacted(request)}
     sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])

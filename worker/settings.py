@@ -9,8 +9,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-UPLOAD_MARGIN_S = 120
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INPAINT_", extra="ignore")
@@ -69,13 +67,17 @@ class Settings(BaseSettings):
     )
     metrics_address: str = Field("127.0.0.1", description="Address the metrics server binds (0.0.0.0 in containers)")
 
+    deadline_margin_s: float = Field(
+        120.0, ge=0, description="Time a job may take past its deadline (the last step, decoding, uploads)"
+    )
+
     @model_validator(mode="after")
     def _visibility_covers_the_longest_job(self) -> Settings:
-        if self.visibility_timeout_s <= self.max_deadline_s + UPLOAD_MARGIN_S:
+        if self.visibility_timeout_s <= self.max_deadline_s + self.deadline_margin_s:
             raise ValueError(
                 f"INPAINT_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s:g}) must exceed INPAINT_MAX_DEADLINE_S "
-                f"({self.max_deadline_s:g}) plus {UPLOAD_MARGIN_S} s for uploads: otherwise Redis hands a job "
-                "that is still running to a second worker"
+                f"({self.max_deadline_s:g}) plus INPAINT_DEADLINE_MARGIN_S ({self.deadline_margin_s:g}): otherwise "
+                "Redis hands a job that is still running to a second worker"
             )
         return self
 

@@ -108,6 +108,7 @@ class StorageFetcher:
         host = urlsplit(ref).hostname or ""
         if host not in self.settings.http_allow:
             raise InputForbidden(f"{field}: host {host!r} is not on the allow-list (INPAINT_HTTP_ALLOW)", field=field)
+        refuse_internal_address(host, field)
         opener = urllib.request.build_opener(NoRedirects)
         try:
             with opener.open(ref, timeout=30) as response:
@@ -121,6 +122,21 @@ class StorageFetcher:
         if len(data) > self.settings.input_max_bytes:
             raise InvalidRequest(field, f"over the {self.settings.input_max_bytes}-byte cap")
         return data
+
+
+def refuse_internal_address(host: str, field: str) -> None:
+    """An allowed name must still not lead inside: loopback, link-local (cloud metadata), private, reserved."""
+    import ipaddress
+    import socket
+
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)}
+    except OSError as error:
+        raise InputNotFound(f"{field}: cannot resolve {host!r}: {error}", field=field) from None
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not ip.is_global:
+            raise InputForbidden(f"{field}: {host!r} resolves to {ip}, an internal address", field=field)
 
 
 class NoRedirects(urllib.request.HTTPRedirectHandler):

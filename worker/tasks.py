@@ -63,9 +63,9 @@ def inpaint(self: Any, request: dict) -> dict:
     token = logs.current_job.set(job_id)
     try:
         log.info("job started")
-        submitted = getattr(self.request, "inpaint_submitted_at", None)  # set by InpaintClient.submit
-        if submitted:
-            metrics.queue_waited(started - submitted)
+        waited = queue_wait(self.request).get("queue_wait_s")
+        if waited is not None:
+            metrics.queue_waited(waited)
         result = run_job(self, job_id, request)
     except JobFailed as failed:
         metrics.job_ended(failed.code, time.time() - started)
@@ -95,12 +95,27 @@ def run_job(self: Any, job_id: str, request: dict) -> dict:
         result = job.run(parsed, model=rt.model, plugins=rt.plugins, fetcher=rt.fetcher,
                          sink=S3Sink(settings, job_id, bucket, parsed.output.prefix or settings.output_prefix),
                          settings=settings, reporter=TaskReporter(self),
-                         cancel_requested=lambda: bool(redis.exists(cancel_key(job_id))),
-                         job_id=job_id, node=self.request.hostname)
+                         cancel_requested=lambda: cancel_requested(redis, job_id),
+                         job_id=job_id, worker={"node": self.request.hostname, **queue_wait(self.request)})
     except JobError as error:
         log.warning("job failed: %s", error)
         raise JobFailed.from_error(error) from None
     return result.model_dump(mode="json")
+
+
+def queue_wait(request: Any) -> dict[str, float]:
+    """Seconds from submit to now, when the job came through InpaintClient.submit (which stamps it)."""
+    submitted = getattr(request, "inpaint_submitted_at", None)
+    return {"queue_wait_s": round(max(0.0, time.time() - submitted), 3)} if submitted else {}
+
+
+def cancel_requested(redis: Any, job_id: str) -> bool:
+    """Whether a cancel was asked for; Redis being away for a moment is not a reason to stop a job."""
+    try:
+        return bool(redis.exists(cancel_key(job_id)))
+    except Exception as error:
+        log.warning("could not check for a cancel: %s", error)
+        return False
 
 
 class TaskReporter:
@@ -111,5 +126,8 @@ class TaskReporter:
 
     def __call__(self, progress: Progress) -> None:
         meta = progress.model_dump(exclude_none=True)
-        self.task.update_state(state="PROGRESS", meta=meta)
-        self.task.send_event("task-progress", **meta)
+        try:
+            self.task.update_state(state="PROGRESS", meta=meta)
+            self.task.send_event("task-progress", **meta)
+        except Exception as error:  # progress is best effort: Redis away must not fail the job
+            log.warning("could not report progress: %s", error)

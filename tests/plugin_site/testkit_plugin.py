@@ -34,3 +34,11 @@ def inpaint_step_end(job, step):
 @hookimpl
 def inpaint_postprocess(job, images):
     return [] if job.options("testkit").get("drop_images") else None
+
+
+@hookimpl
+def inpaint_job_finished(job):
+    path = os.environ.get("TESTKIT_RUN_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(f"done:{job.id}\n")
