@@ -86,6 +86,12 @@ class RedisServer:
     def stop(self) -> None:
         stop_process(self.process)
 
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop (SIGTERM: an append-only file is flushed) and start again on the same port and directory."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
 
 class S3Server:
     """moto's S3 in server mode: a real HTTP endpoint on loopback that boto3 talks to like any S3."""
@@ -191,9 +197,12 @@ class FlowerProcess:
 class LocalStack:
     """Redis, S3 with an input and an output bucket, and the environment a worker and a client need."""
 
-    def __init__(self, directory: Path | None = None, model: str | None = None, flower: bool = False):
+    BUCKETS = ("inputs", "outputs")
+
+    def __init__(self, directory: Path | None = None, model: str | None = None, flower: bool = False,
+                 redis_appendonly: bool = False, redis_password: str | None = None):
         self.directory = Path(directory or tempfile.mkdtemp(prefix="inpaint-stack-"))
-        self.redis = RedisServer(self.directory / "redis")
+        self.redis = RedisServer(self.directory / "redis", appendonly=redis_appendonly, password=redis_password)
         self.s3 = S3Server(self.directory / "s3")
         self.model = model
         self.workers: list[WorkerProcess] = []
@@ -203,9 +212,7 @@ class LocalStack:
     def start(self) -> LocalStack:
         self.redis.start()
         self.s3.start()
-        client = self.s3.client()
-        for bucket in ("inputs", "outputs"):
-            client.create_bucket(Bucket=bucket)
+        self.create_buckets()
         if self.flower:
             try:
                 self.flower.start()
@@ -213,6 +220,11 @@ class LocalStack:
                 self.stop()  # nothing left running when Flower cannot start
                 raise
         return self
+
+    def create_buckets(self) -> None:
+        client = self.s3.client()
+        for bucket in self.BUCKETS:
+            client.create_bucket(Bucket=bucket)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {**TEST_CREDENTIALS, "INPAINT_BROKER_URL": self.redis.url, "INPAINT_S3_ENDPOINT_URL": self.s3.endpoint,

@@ -1,0 +1,156 @@
+"""Faults injected for real: workers killed and stopped, Redis restarted, S3 down, on a stack of their own.
+
+Short timeouts through settings (visibility 8 s, sweeps every second) so redelivery is quick.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+from support import box_mask, photo, upload
+
+HOST = socket.gethostname()
+FAST_RECOVERY = {"INPAINT_VISIBILITY_TIMEOUT_S": "8", "INPAINT_MAX_DEADLINE_S": "5", "INPAINT_DEADLINE_MARGIN_S": "2",
+                 "INPAINT_UNACKED_RESTORE_INTERVAL_S": "1", "INPAINT_UNACKED_RESTORE_THROTTLE": "1",
+                 "INPAINT_STORAGE_ATTEMPTS": "6", "INPAINT_STORAGE_BACKOFF_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def faults(tiny_model_dir, tmp_path_factory, worker_env):
+    from worker.app import make_app
+    from worker.client import InpaintClient
+    from worker.stack import LocalStack
+
+    stack = LocalStack(tmp_path_factory.mktemp("faults"), model=str(tiny_model_dir), redis_appendonly=True).start()
+    env = {**worker_env, **FAST_RECOVERY}
+    client = InpaintClient(make_app(stack.settings(**{k.removeprefix("INPAINT_").lower(): v
+                                                      for k, v in FAST_RECOVERY.items()})))
+    yield stack, client, env
+    stack.stop()
+
+
+def slow_job(stack, steps: int = 20, step_s: float = 0.15) -> dict:
+    return {"prompt": "a plum", "image": upload(stack, "faults/photo.png", photo()),
+            "mask_image": upload(stack, "faults/mask.png", box_mask()), "num_inference_steps": steps,
+            "strength": 1.0, "seed": 5, "plugins": {"testkit": {"step_s": step_s}}}
+
+
+def runs(run_log, job_id: str) -> tuple[int, int]:
+    words = run_log.read_text().split() if run_log.exists() else []
+    return words.count(job_id), words.count(f"done:{job_id}")
+
+
+def outputs(stack, job_id: str) -> list[str]:
+    listing = stack.s3.client().list_objects_v2(Bucket="outputs", Prefix=f"jobs/{job_id}/")
+    return sorted(item["Key"].rsplit("/", 1)[1] for item in listing.get("Contents", []))
+
+
+def wait_step(client, job_id: str, step: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (progress := client.status(job_id).progress) is None or progress.stage != "denoising" \
+            or progress.step < step:
+        assert time.monotonic() < deadline, f"{job_id} never reached step {step}"
+        time.sleep(0.02)
+
+
+def holder(client, job_id: str, workers) -> object:
+    active = client.app.control.inspect(timeout=2).active() or {}
+    node = next(node for node, tasks in active.items() if any(t["id"] == job_id for t in tasks))
+    return next(w for w in workers if w.node == node)
+
+
+@pytest.mark.parametrize("kill_at_step", [1, 12])
+def test_sigkill_mid_job_redelivers_it_to_the_other_worker_once(faults, run_log, kill_at_step):
+    stack, client, env = faults
+    workers = [stack.start_worker(f"k{kill_at_step}{name}@{HOST}", **env) for name in "ab"]
+    try:
+        for w in workers:
+            w.wait_ready(client.app)
+        job_id = client.submit(slow_job(stack))
+        wait_step(client, job_id, kill_at_step)
+        victim = holder(client, job_id, workers)
+        killed_at = time.monotonic()
+        victim.stop(signal.SIGKILL)
+        status = client.wait(job_id, timeout=90)
+        recovered_s = time.monotonic() - killed_at
+    finally:
+        for w in workers:
+            w.stop()
+    assert status.state == "SUCCESS", status.error
+    survivor = next(w for w in workers if w is not victim)
+    assert status.result.worker["node"] == survivor.node
+    assert runs(run_log, job_id) == (2, 1)  # started twice, finished once
+    assert outputs(stack, job_id) == ["0.png", "result.json"]
+    print(f"\nSIGKILL at step {kill_at_step}: SUCCESS on the other worker {recovered_s:.1f} s after the kill")
+
+
+def test_sigterm_finishes_the_running_job_then_exits_and_requeues_nothing(faults, run_log):
+    stack, client, env = faults
+    first = stack.start_worker(f"term@{HOST}", **env).wait_ready(client.app)
+    running = client.submit(slow_job(stack, steps=12))
+    queued = client.submit(slow_job(stack, steps=2, step_s=0))
+    wait_step(client, running, 2)
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(timeout=60) == 0
+    assert client.status(running).state == "SUCCESS"
+    assert client.status(queued).state == "PENDING"  # not taken: still queued, not lost
+    second = stack.start_worker(f"after-term@{HOST}", **env).wait_ready(client.app)
+    try:
+        assert client.wait(queued, timeout=60).state == "SUCCESS"
+        time.sleep(3)  # past a sweep: a wrongly restored copy of the first job would have started by now
+    finally:
+        second.stop()
+    assert runs(run_log, running) == (1, 1) and runs(run_log, queued) == (1, 1)
+
+
+def test_a_redis_restart_during_a_job_loses_nothing(faults, run_log):
+    stack, client, env = faults
+    worker = stack.start_worker(f"redis@{HOST}", **env).wait_ready(client.app)
+    try:
+        running = client.submit(slow_job(stack, steps=24))
+        queued = [client.submit(slow_job(stack, steps=2, step_s=0)) for _ in range(3)]
+        wait_step(client, running, 3)
+        stack.redis.restart(down_s=1.0)
+        statuses = [client.wait(job_id, timeout=120) for job_id in [running, *queued]]
+    finally:
+        worker.stop()
+    assert [s.state for s in statuses] == ["SUCCESS"] * 4, [s.error for s in statuses]
+    for job_id in [running, *queued]:
+        assert runs(run_log, job_id)[1] >= 1 and outputs(stack, job_id) == ["0.png", "result.json"]
+
+
+def test_s3_down_during_upload_is_retried_and_the_job_succeeds_when_it_returns(faults):
+    stack, client, env = faults
+    worker = stack.start_worker(f"s3back@{HOST}", **env).wait_ready(client.app)
+    try:
+        job_id = client.submit(slow_job(stack, steps=10))
+        wait_step(client, job_id, 8)
+        stack.s3.stop()  # inputs are fetched: the next S3 call is the upload
+        time.sleep(2.0)
+        stack.s3.start()
+        stack.create_buckets()  # moto keeps nothing across restarts
+        status = client.wait(job_id, timeout=60)
+    finally:
+        worker.stop()
+    assert status.state == "SUCCESS", status.error
+    assert outputs(stack, job_id) == ["0.png", "result.json"]
+
+
+def test_s3_down_past_the_retry_budget_fails_with_storage_error_and_no_result_json(faults):
+    stack, client, env = faults
+    worker = stack.start_worker(f"s3gone@{HOST}", **{**env, "INPAINT_STORAGE_ATTEMPTS": "3",
+                                                    "INPAINT_STORAGE_BACKOFF_S": "0.2"}).wait_ready(client.app)
+    try:
+        job_id = client.submit(slow_job(stack, steps=10))
+        wait_step(client, job_id, 8)
+        stack.s3.stop()
+        status = client.wait(job_id, timeout=60)
+        stack.s3.start()
+        stack.create_buckets()
+    finally:
+        worker.stop()
+    assert status.state == "FAILURE" and status.error["code"] == "storage_error", status.error
+    assert "result.json" not in outputs(stack, job_id)
