@@ -1,6 +1,6 @@
 """Faults injected for real: workers killed and stopped, Redis restarted, S3 down, on a stack of their own.
 
-Short timeouts through settings (visibility 8 s, sweeps every second) so redelivery is quick.
+Short timeouts through settings (visibility 12 s, sweeps every second) so redelivery is quick.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from support import box_mask, photo, upload
 
 HOST = socket.gethostname()
-FAST_RECOVERY = {"INPAINT_VISIBILITY_TIMEOUT_S": "8", "INPAINT_MAX_DEADLINE_S": "5", "INPAINT_DEADLINE_MARGIN_S": "2",
+FAST_RECOVERY = {"INPAINT_VISIBILITY_TIMEOUT_S": "12", "INPAINT_MAX_DEADLINE_S": "8", "INPAINT_DEADLINE_MARGIN_S": "2",
                  "INPAINT_UNACKED_RESTORE_INTERVAL_S": "1", "INPAINT_UNACKED_RESTORE_THROTTLE": "1",
                  "INPAINT_STORAGE_ATTEMPTS": "6", "INPAINT_STORAGE_BACKOFF_S": "0.5"}
 
@@ -32,7 +32,7 @@ def faults(tiny_model_dir, tmp_path_factory, worker_env):
     stack.stop()
 
 
-def slow_job(stack, steps: int = 20, step_s: float = 0.15) -> dict:
+def slow_job(stack, steps: int = 16, step_s: float = 0.1) -> dict:
     return {"prompt": "a plum", "image": upload(stack, "faults/photo.png", photo()),
             "mask_image": upload(stack, "faults/mask.png", box_mask()), "num_inference_steps": steps,
             "strength": 1.0, "seed": 5, "plugins": {"testkit": {"step_s": step_s}}}
@@ -69,9 +69,10 @@ def test_sigkill_mid_job_redelivers_it_to_the_other_worker_once(faults, run_log,
     try:
         for w in workers:
             w.wait_ready(client.app)
-        job_id = client.submit(slow_job(stack))
-        wait_step(client, job_id, kill_at_step)
+        job_id = client.submit(slow_job(stack, steps=24))
+        wait_step(client, job_id, 1)
         victim = holder(client, job_id, workers)
+        wait_step(client, job_id, kill_at_step)
         killed_at = time.monotonic()
         victim.stop(signal.SIGKILL)
         status = client.wait(job_id, timeout=90)
@@ -108,7 +109,9 @@ def test_sigterm_finishes_the_running_job_then_exits_and_requeues_nothing(faults
 
 def test_a_redis_restart_during_a_job_loses_nothing(faults, run_log):
     stack, client, env = faults
-    worker = stack.start_worker(f"redis@{HOST}", **env).wait_ready(client.app)
+    # while Redis is away, progress reports wait for it: a longer deadline than the other tests use
+    patient = {**env, "INPAINT_MAX_DEADLINE_S": "60", "INPAINT_VISIBILITY_TIMEOUT_S": "90"}
+    worker = stack.start_worker(f"redis@{HOST}", **patient).wait_ready(client.app)
     try:
         running = client.submit(slow_job(stack, steps=24))
         queued = [client.submit(slow_job(stack, steps=2, step_s=0)) for _ in range(3)]
