@@ -1,0 +1,137 @@
+"""Bad input through a real worker: each case ends in its error code with a message naming the field,
+and the worker goes on serving. Requests are sent with send_task, as a backend without our client would."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save
+from support import box_mask, photo
+
+PNG = io.BytesIO()
+photo().save(PNG, format="PNG")
+PNG = PNG.getvalue()
+JPEG = io.BytesIO()
+photo().save(JPEG, format="JPEG")
+JPEG = JPEG.getvalue()
+
+
+def url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+def png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return url(buffer.getvalue())
+
+
+def bomb() -> str:
+    """A real PNG whose header claims 100000 x 100000 pixels."""
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    patched = PNG[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + PNG[33:]
+    return url(patched)
+
+
+def tensor(**tensors: torch.Tensor) -> str:
+    return url(save(tensors), "application/octet-stream")
+
+
+GOOD = {"prompt": "a quince", "image": url(PNG), "mask_image": png(box_mask()), "num_inference_steps": 2, "seed": 1}
+ERRORS = {
+    "corrupt-png": ({"image": url(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)}, "invalid_request", "image"),
+    "truncated-png": ({"image": url(PNG[: len(PNG) // 2])}, "invalid_request", "image"),
+    "corrupt-jpeg": ({"image": url(b"\xff\xd8\xff\xe0" + b"\x00junk" * 40, "image/jpeg")}, "invalid_request", "image"),
+    "truncated-jpeg": ({"image": url(JPEG[: len(JPEG) // 2], "image/jpeg")}, "invalid_request", "image"),
+    "zero-size-image": ({"image": "data:image/png;base64,"}, "invalid_request", "image"),
+    "decompression-bomb": ({"image": bomb()}, "invalid_request", "image"),
+    "empty-mask": ({"mask_image": png(Image.new("L", (64, 64), 0))}, "invalid_request", "mask_image"),
+    "wrong-type-strength": ({"strength": "strong"}, "invalid_request", "strength"),
+    "wrong-type-prompt": ({"prompt": 42}, "invalid_request", "prompt"),
+    "wrong-type-seed": ({"seed": "lucky"}, "invalid_request", "seed"),
+    "unknown-field": ({"guidance": 3}, "invalid_request", "guidance"),
+    "steps-zero": ({"num_inference_steps": 0}, "invalid_request", "num_inference_steps"),
+    "steps-over-cap": ({"num_inference_steps": 500}, "invalid_request", "num_inference_steps"),
+    "strength-zero": ({"strength": 0}, "invalid_request", "strength"),
+    "strength-over-one": ({"strength": 1.5}, "invalid_request", "strength"),
+    "sigmas-wrong-length": ({"sigmas": [1.0, 0.5, 0.1]}, "invalid_request", "sigmas"),
+    "zero-images": ({"num_images_per_prompt": 0}, "invalid_request", "num_images_per_prompt"),
+    "too-many-images": ({"num_images_per_prompt": 9}, "invalid_request", "num_images_per_prompt"),
+    "prompt-over-max-sequence-length": ({"prompt": "pear " * 60, "max_sequence_length": 32}, "invalid_request",
+                                        "prompt"),
+    "max-sequence-length-over-1024": ({"max_sequence_length": 2048}, "invalid_request", "max_sequence_length"),
+    "neither-prompt-nor-embeddings": ({"prompt": None}, "invalid_request", "prompt"),
+    "latents-wrong-shape": ({"latents": tensor(latents=torch.zeros(1, 7, 16))}, "invalid_request", "latents"),
+    "embeds-wrong-dtype": ({"prompt": None, "prompt_embeds": tensor(prompt_embeds=torch.zeros(1, 5, 16,
+                                                                                              dtype=torch.int32))},
+                           "invalid_request", "prompt_embeds"),
+    "unknown-plugin-option": ({"plugins": {"mask": {"blur": 3}}}, "invalid_request", "plugins.mask"),
+    "unknown-plugin": ({"plugins": {"sharpen": {}}}, "invalid_request", "plugins.sharpen"),
+    "padding-mask-crop-zero": ({"padding_mask_crop": 0}, "invalid_request", "padding_mask_crop"),
+    "height-off-the-factor": ({"height": 60, "width": 64}, "invalid_request", "height"),
+    "s3-key-missing": ({"image": "s3://inputs/no/such/key.png"}, "input_not_found", "image"),
+    "bucket-not-allowed": ({"image": "s3://private-bucket/a.png"}, "input_forbidden", "image"),
+    "https-host-not-allowed": ({"image": "https://images.example.com/a.png"}, "input_forbidden", "image"),
+    "https-name-resolving-to-loopback": ({"image": "https://localhost/a.png"}, "input_forbidden", "image"),
+    "file-scheme": ({"image": "file:///etc/hostname"}, "input_forbidden", "image"),
+    "ftp-scheme": ({"mask_image": "ftp://example.com/m.png"}, "input_forbidden", "mask_image"),
+    "local-path": ({"image": "/etc/hostname"}, "input_forbidden", "image"),
+    "data-url-over-cap": ({"image": url(b"\x00" * 1_100_000)}, "invalid_request", "image"),
+    "output-bucket-not-allowed": ({"output": {"bucket": "someone-elses"}}, "invalid_request", "output.bucket"),
+}
+CONVERTED = {
+    "rgba": png(photo().convert("RGBA")),
+    "grayscale": png(photo().convert("L")),
+    "palette": png(photo().convert("P")),
+    "16-bit": png(Image.fromarray(np.asarray(photo().convert("L")).astype("uint16") * 257)),
+    "cmyk-jpeg": None,
+}
+cmyk = io.BytesIO()
+photo().convert("CMYK").save(cmyk, format="JPEG")
+CONVERTED["cmyk-jpeg"] = url(cmyk.getvalue(), "image/jpeg")
+
+
+def send(client, request: dict):
+    job_id = f"bad-{time.monotonic_ns()}"
+    client.app.send_task("inpaint", kwargs={"request": {k: v for k, v in request.items() if v is not None}},
+                         task_id=job_id)
+    return client.wait(job_id, timeout=60)
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_bad_input_ends_in_its_code_naming_the_field(client, worker, case):
+    fields, code, field = ERRORS[case]
+    status = send(client, {**GOOD, **fields})
+    assert status.state == "FAILURE"
+    assert status.error["code"] == code, status.error
+    assert status.error.get("field") == field or status.error["message"].startswith(f"{field}:"), status.error
+    assert len(status.error["message"]) > len(field) + 10
+
+
+@pytest.mark.parametrize("case", sorted(CONVERTED))
+def test_other_image_modes_are_converted_and_run(client, worker, case):
+    status = send(client, {**GOOD, "image": CONVERTED[case]})
+    assert status.state == "SUCCESS", status.error
+
+
+def test_a_mask_of_another_size_is_stretched_to_the_image(client, worker):
+    status = send(client, {**GOOD, "mask_image": png(box_mask(32, 32, (8, 8, 20, 20)))})
+    assert status.state == "SUCCESS" and (status.result.images[0].width, status.result.images[0].height) == (64, 64)
+
+
+def test_a_full_mask_repaints_everything(client, worker):
+    assert send(client, {**GOOD, "mask_image": png(Image.new("L", (64, 64), 255))}).state == "SUCCESS"
+
+
+def test_the_worker_serves_the_next_job_after_all_that(client, worker):
+    assert send(client, GOOD).state == "SUCCESS"
+    assert client.app.control.ping(destination=[worker.node], timeout=2)

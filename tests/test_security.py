@@ -1,0 +1,84 @@
+"""Security: internal addresses stay unreachable, redirects are not followed, Redis with a password works end to
+end with its password nowhere in what the service writes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from support import box_mask, photo, upload
+
+from worker.errors import InputForbidden
+from worker.settings import Settings
+from worker.storage import NoRedirects, StorageFetcher, refuse_internal_address
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "169.254.169.254", "10.1.2.3", "192.168.0.1",
+                                  "172.16.5.4", "::1", "0.0.0.0"])
+def test_internal_addresses_are_refused_even_for_allowed_hosts(host):
+    with pytest.raises(InputForbidden) as caught:
+        refuse_internal_address(host, "image")
+    assert "internal address" in caught.value.message
+
+
+def test_an_allowed_name_that_resolves_inside_is_refused_before_any_request():
+    fetcher = StorageFetcher(Settings(http_allow=["localhost"]), client=object())
+    with pytest.raises(InputForbidden) as caught:
+        fetcher.fetch("https://localhost/cat.png", "image")
+    assert caught.value.field == "image" and "127.0.0.1" in caught.value.message
+
+
+def test_redirects_are_not_followed():
+    hits = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", "/internal-metadata")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.build_opener(NoRedirects).open(f"http://127.0.0.1:{server.server_address[1]}/a.png",
+                                                          timeout=5)
+    finally:
+        server.shutdown()
+    assert caught.value.code == 302 and hits == ["/a.png"]
+
+
+def test_redis_with_a_password_works_end_to_end_and_the_password_stays_out(tiny_model_dir, tmp_path, worker_env):
+    from worker.app import make_app
+    from worker.client import InpaintClient
+    from worker.stack import LocalStack
+
+    password = "redis-pass-7f3e9c"
+    stack = LocalStack(tmp_path, model=str(tiny_model_dir), redis_password=password).start()
+    try:
+        client = InpaintClient(make_app(stack.settings()))
+        worker = stack.start_worker(f"secure@{socket.gethostname()}", INPAINT_LOG_FORMAT="json", **worker_env)
+        worker.wait_ready(client.app)
+        job_id = client.submit({"prompt": "a fig", "image": upload(stack, "s/p.png", photo()),
+                                "mask_image": upload(stack, "s/m.png", box_mask()), "num_inference_steps": 2})
+        status = client.wait(job_id, timeout=60)
+        worker.stop()
+        record = stack.s3.client().get_object(Bucket="outputs", Key=f"jobs/{job_id}/result.json")["Body"].read()
+        state = client.app.backend.client.get(f"celery-task-meta-{job_id}")
+        import redis
+
+        with pytest.raises(redis.AuthenticationError):  # the server really requires it
+            redis.Redis(host="127.0.0.1", port=stack.redis.port).ping()
+    finally:
+        stack.stop()
+    assert status.state == "SUCCESS", status.error
+    for text in (status.model_dump_json(), record.decode(), state.decode(), worker.log_path.read_text()):
+        assert password not in text
