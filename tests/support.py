@@ -71,3 +71,13 @@ def upload(stack, key: str, image: Image.Image, bucket: str = "inputs") -> str:
     image.save(buffer, format="PNG")
     stack.s3.client().put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
     return f"s3://{bucket}/{key}"
+
+
+def job_request(stack, **fields) -> dict:
+    """A small valid queued job, its inputs uploaded to the stack's S3; fields override."""
+    fields.setdefault("prompt", "a red apple")
+    fields.setdefault("image", upload(stack, "photo.png", photo()))
+    fields.setdefault("mask_image", upload(stack, "mask.png", box_mask()))
+    fields.setdefault("num_inference_steps", 4)
+    fields.setdefault("seed", 1)
+    return fields

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support import box_mask, photo, upload
+from support import job_request as request
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the rootdir on sys.path
@@ -27,15 +27,6 @@ SLOW = {"testkit": {"step_s": 0.15}}
 def http(client):
     with TestClient(create_app(client)) as test_client:
         yield test_client
-
-
-def request(stack, **fields) -> dict:
-    fields.setdefault("prompt", "a red apple")
-    fields.setdefault("image", upload(stack, "photo.png", photo()))
-    fields.setdefault("mask_image", upload(stack, "mask.png", box_mask()))
-    fields.setdefault("num_inference_steps", 4)
-    fields.setdefault("seed", 1)
-    return fields
 
 
 def submit(http, stack, **fields) -> str:

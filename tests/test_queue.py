@@ -10,19 +10,11 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
-from support import box_mask, data_url, photo, upload
+from support import box_mask, data_url, photo
+from support import job_request as request
 
 HOST = socket.gethostname()
 SLOW = {"testkit": {"step_s": 0.15}}
-
-
-def request(stack, **fields) -> dict:
-    fields.setdefault("prompt", "a red apple")
-    fields.setdefault("image", upload(stack, "photo.png", photo()))
-    fields.setdefault("mask_image", upload(stack, "mask.png", box_mask()))
-    fields.setdefault("num_inference_steps", 4)
-    fields.setdefault("seed", 1)
-    return fields
 
 
 def runs(run_log, job_id: str) -> int:
