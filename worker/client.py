@@ -80,16 +80,15 @@ class InpaintClient:
             status.error = {"code": "cancelled", "message": "revoked before it started"}
         return status
 
-    def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.25) -> JobStatus:
-        """Poll until the job ends; raise TimeoutError if it has not within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status(job_id)
-            if status.done:
-                return status
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} is still {status.state} after {timeout:g} s")
-            time.sleep(poll_s)
+    def wait(self, job_id: str, timeout: float = 600.0) -> JobStatus:
+        """Block until the job ends (Redis tells us at once); raise TimeoutError after `timeout` seconds."""
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        try:
+            self.app.AsyncResult(job_id).get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeout:
+            raise TimeoutError(f"job {job_id} is still {self.status(job_id).state} after {timeout:g} s") from None
+        return self.status(job_id)
 
     def cancel(self, job_id: str) -> None:
         """A queued job will not start; a running one stops within one denoising step and writes nothing."""

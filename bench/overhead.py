@@ -1,0 +1,122 @@
+"""What the service adds to the model's own time: the same job called directly and sent through the queue.
+
+    python bench/overhead.py [--sizes 256 512] [--repeats 5] [--quick]
+
+(a) `pipe(...)` in this process; (b) `InpaintClient.submit` -> Redis -> a worker process ->
+S3 upload -> `wait`, on a private redis-server and S3 endpoint (the embedded stack). Same
+weights (INPAINT_MODEL, else the tiny random-weight model), seed and parameters. Prints
+medians, their ratio and the overhead in ms, the round trip of an empty job (16x16, one step),
+and the throughput of two workers against one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from worker.app import make_app  # noqa: E402
+from worker.client import InpaintClient  # noqa: E402
+from worker.pipeline import generator, load_model, model_path  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+from worker.stack import LocalStack  # noqa: E402
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def inputs(size: int) -> tuple[Image.Image, Image.Image]:
+    image = Image.effect_noise((size, size), 40).convert("RGB")
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    return image, mask
+
+
+def median_time(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--throughput-jobs", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the script working in the tests")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.steps, args.repeats, args.throughput_jobs = [32], 2, 1, 4
+    model = load_model(Settings())
+    name = model_path(Settings())
+    print(f"model {model.name} on {model.device} ({torch.get_num_threads()} threads), {args.steps} steps, "
+          f"strength 1.0, median of {args.repeats}")
+    stack = LocalStack(model=name).start()
+    try:
+        client = InpaintClient(make_app(stack.settings()))
+        host = socket.gethostname()
+        s3 = stack.s3.client()
+        stack.start_worker(f"bench0@{host}").wait_ready(client.app)
+        for size in args.sizes:
+            image, mask = inputs(size)
+            s3.put_object(Bucket="inputs", Key=f"{size}.png", Body=png(image))
+            s3.put_object(Bucket="inputs", Key=f"{size}-mask.png", Body=png(mask))
+            params = {"prompt": "a bench", "height": size, "width": size, "num_inference_steps": args.steps,
+                      "strength": 1.0}
+
+            def direct() -> None:
+                model.pipe(image=image, mask_image=mask, generator=generator(1), **params)
+
+            def queued() -> None:
+                job_id = client.submit({**params, "image": f"s3://inputs/{size}.png", "seed": 1,
+                                        "mask_image": f"s3://inputs/{size}-mask.png", "plugins": {"paste_back": False}})
+                assert client.wait(job_id, timeout=600).state == "SUCCESS"
+
+            a, b = median_time(direct, args.repeats), median_time(queued, args.repeats)
+            print(f"{size}x{size}: direct {a * 1000:.0f} ms, through the service {b * 1000:.0f} ms, "
+                  f"ratio {b / a:.3f}, overhead {(b - a) * 1000:.0f} ms ({(b - a) / a * 100:.1f} %)")
+        image, mask = inputs(16)
+        s3.put_object(Bucket="inputs", Key="empty.png", Body=png(image))
+        s3.put_object(Bucket="inputs", Key="empty-mask.png", Body=png(mask))
+        empty = {"prompt": "x", "image": "s3://inputs/empty.png", "mask_image": "s3://inputs/empty-mask.png",
+                 "num_inference_steps": 1, "strength": 1.0}
+        round_trip = median_time(lambda: client.wait(client.submit(empty), timeout=60), args.repeats)
+        print(f"empty job (16x16, 1 step) round trip: {round_trip * 1000:.0f} ms")
+
+        small = {**empty, "height": 64, "width": 64, "num_inference_steps": args.steps}
+
+        def throughput() -> float:
+            started = time.perf_counter()
+            jobs = [client.submit({**small, "seed": i}) for i in range(args.throughput_jobs)]
+            for job_id in jobs:
+                client.wait(job_id, timeout=600)
+            return args.throughput_jobs / (time.perf_counter() - started)
+
+        one = throughput()
+        stack.start_worker(f"bench1@{host}").wait_ready(client.app)
+        two = throughput()
+        print(f"throughput ({args.throughput_jobs} jobs of 64x64): 1 worker {one:.2f} jobs/s, "
+              f"2 workers {two:.2f} jobs/s, ratio {two / one:.2f}")
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()

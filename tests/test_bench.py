@@ -1,0 +1,24 @@
+"""The benchmarks keep working: each runs once in its --quick mode (figures are for bench/, not for asserts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize(("script", "expected"), [
+    ("preview.py", "preview / step"),
+    ("overhead.py", "throughput"),
+])
+def test_benchmark_runs_in_quick_mode(tiny_model_dir, script, expected):
+    env = {**os.environ, "INPAINT_MODEL": str(tiny_model_dir)}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert expected in done.stdout
