@@ -82,3 +82,14 @@ def test_redis_with_a_password_works_end_to_end_and_the_password_stays_out(tiny_
     assert status.state == "SUCCESS", status.error
     for text in (status.model_dump_json(), record.decode(), state.decode(), worker.log_path.read_text()):
         assert password not in text
+
+
+def test_an_s3_input_over_the_size_cap_is_refused(stack):
+    from worker.errors import InvalidRequest
+
+    ref = upload(stack, "big/photo.png", photo(128, 128))
+    fetcher = StorageFetcher(stack.settings(input_max_bytes=1000))
+    with pytest.raises(InvalidRequest) as caught:
+        fetcher.fetch(ref, "image")
+    assert caught.value.field == "image" and "cap" in caught.value.message
+    assert len(StorageFetcher(stack.settings()).fetch(ref, "image")) > 1000

@@ -90,11 +90,12 @@ class StorageFetcher:
                                  "(INPAINT_INPUT_BUCKETS)", field=field)
 
         def get() -> bytes:
-            head = self.client.head_object(Bucket=bucket, Key=key)
-            if head["ContentLength"] > self.settings.input_max_bytes:
-                raise InvalidRequest(field, f"object is {head['ContentLength']} bytes, over the "
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            if response["ContentLength"] > self.settings.input_max_bytes:
+                response["Body"].close()
+                raise InvalidRequest(field, f"object is {response['ContentLength']} bytes, over the "
                                      f"{self.settings.input_max_bytes}-byte cap")
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return response["Body"].read()
 
         try:
             return with_retries(self.settings, f"reading {ref}", get)
