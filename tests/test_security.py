@@ -88,8 +88,8 @@ def test_an_s3_input_over_the_size_cap_is_refused(stack):
     from worker.errors import InvalidRequest
 
     ref = upload(stack, "big/photo.png", photo(128, 128))
-    fetcher = StorageFetcher(stack.settings(input_max_bytes=1000))
+    fetcher = StorageFetcher(stack.settings(input_max_bytes=1000), client=stack.s3.client())
     with pytest.raises(InvalidRequest) as caught:
         fetcher.fetch(ref, "image")
     assert caught.value.field == "image" and "cap" in caught.value.message
-    assert len(StorageFetcher(stack.settings()).fetch(ref, "image")) > 1000
+    assert len(StorageFetcher(stack.settings(), client=stack.s3.client()).fetch(ref, "image")) > 1000
