@@ -115,6 +115,7 @@ def test_a_queued_job_carries_the_watermark_and_triggers_the_signed_webhook_unle
     summary = json.loads(delivery["body"])
     assert summary["state"] == "SUCCESS" and summary["images"][0]["url"].startswith("http://127.0.0.1")
     assert SECRET not in delivery["body"].decode()
+    assert SECRET not in worker.log_path.read_text() and SECRET not in marked.model_dump_json()
 
     blocked = stack.start_worker(f"blocked@{socket.gethostname()}", INPAINT_QUEUE="plugged",
                                  INPAINT_PLUGINS_BLOCKED="watermark,webhook", **env)
