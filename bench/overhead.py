@@ -17,6 +17,7 @@ import socket
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +43,16 @@ def inputs(size: int) -> tuple[Image.Image, Image.Image]:
     mask = Image.new("L", (size, size), 0)
     mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
     return image, mask
+
+
+def direct(model, image: Image.Image, mask: Image.Image, params: dict) -> None:
+    model.pipe(image=image, mask_image=mask, generator=generator(1), **params)
+
+
+def queued(client: InpaintClient, size: int, params: dict) -> None:
+    job_id = client.submit({**params, "image": f"s3://inputs/{size}.png", "mask_image": f"s3://inputs/{size}-mask.png",
+                            "seed": 1, "plugins": {"paste_back": False}})
+    assert client.wait(job_id, timeout=600).state == "SUCCESS"
 
 
 def median_time(run, repeats: int) -> float:
@@ -81,15 +92,8 @@ def main() -> None:
             params = {"prompt": "a bench", "height": size, "width": size, "num_inference_steps": args.steps,
                       "strength": 1.0}
 
-            def direct() -> None:
-                model.pipe(image=image, mask_image=mask, generator=generator(1), **params)
-
-            def queued() -> None:
-                job_id = client.submit({**params, "image": f"s3://inputs/{size}.png", "seed": 1,
-                                        "mask_image": f"s3://inputs/{size}-mask.png", "plugins": {"paste_back": False}})
-                assert client.wait(job_id, timeout=600).state == "SUCCESS"
-
-            a, b = median_time(direct, args.repeats), median_time(queued, args.repeats)
+            a = median_time(partial(direct, model, image, mask, params), args.repeats)
+            b = median_time(partial(queued, client, size, params), args.repeats)
             print(f"{size}x{size}: direct {a * 1000:.0f} ms, through the service {b * 1000:.0f} ms, "
                   f"ratio {b / a:.3f}, overhead {(b - a) * 1000:.0f} ms ({(b - a) / a * 100:.1f} %)")
         image, mask = inputs(16)

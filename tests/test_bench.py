@@ -12,13 +12,14 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize(("script", "expected"), [
-    ("preview.py", "preview / step"),
-    ("overhead.py", "throughput"),
+@pytest.mark.parametrize(("command", "expected"), [
+    (["preview.py", "--quick"], "preview / step"),
+    (["overhead.py", "--quick"], "throughput"),
+    (["gpu.py", "--preset", "tiny", "--size", "64", "--steps", "4", "--runs", "1"], "baseline"),
 ])
-def test_benchmark_runs_in_quick_mode(tiny_model_dir, script, expected):
+def test_benchmark_runs_in_quick_mode(tiny_model_dir, command, expected):
     env = {**os.environ, "INPAINT_MODEL": str(tiny_model_dir)}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / command[0]), *command[1:]], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert expected in done.stdout

