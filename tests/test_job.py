@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -296,3 +298,28 @@ def test_the_preview_follows_the_latents(model):
     split = np.asarray(render_preview(model.pipe, packed, 64, 64)).astype(int)
     assert np.abs(split[:100] - flat[:100]).max() > 5
     assert np.abs(split[-100:] - flat[-100:]).max() <= 1
+
+
+def test_a_repeated_prompt_reuses_its_embeddings_and_gives_the_same_image(runner, model):
+    calls = []
+    handle = model.pipe.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    prompt = f"a teapot number {time.monotonic_ns()}"
+    try:
+        first = runner.pixels(runner.run(prompt=prompt))
+        second = runner.pixels(runner.run(prompt=prompt))
+        assert len(calls) == 1  # encoded once, reused the second time
+        model.pipe.prompt_cache_size, size = 0, model.pipe.prompt_cache_size
+        try:
+            uncached = runner.pixels(runner.run(prompt=prompt))
+        finally:
+            model.pipe.prompt_cache_size = size
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+    assert np.array_equal(first, second) and np.array_equal(first, uncached)
+
+
+def test_warm_up_runs_a_small_job(model):
+    from worker.pipeline import warm_up
+
+    assert warm_up(model, 60, steps=1) > 0  # rounded to the size factor, runs end to end

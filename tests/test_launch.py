@@ -34,7 +34,8 @@ def test_two_cpu_workers_both_take_jobs_and_stop_warmly(stack, worker_env, tmp_p
     from worker.client import InpaintClient
 
     client = InpaintClient(make_app(stack.settings(queue="launch")))
-    env = {**os.environ, **stack.env(INPAINT_QUEUE="launch"), **worker_env, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, **stack.env(INPAINT_QUEUE="launch"), **worker_env, "CUDA_VISIBLE_DEVICES": "",
+           "INPAINT_WARMUP": "on", "INPAINT_WARMUP_SIZE": "64"}
     with open(tmp_path / "launch.log", "wb") as log:
         launcher = subprocess.Popen([sys.executable, "-m", "worker.cli", "launch", "--cpu-workers", "2"], env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
@@ -49,6 +50,7 @@ def test_two_cpu_workers_both_take_jobs_and_stop_warmly(stack, worker_env, tmp_p
         assert all(s.state == "SUCCESS" for s in statuses), [s.error for s in statuses]
         nodes = {s.result.worker["node"].split("@")[0] for s in statuses}
         assert nodes == {"cpu0", "cpu1"}
+        assert all(s.result.model["warmup_s"] > 0 for s in statuses)  # each warmed up before its first job
         # a crashed worker is restarted
         stats = client.app.control.inspect(timeout=2).stats()
         crashed = next(node for node in stats if node.startswith("cpu1@"))

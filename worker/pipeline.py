@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,31 @@ _loaded: dict[tuple, LoadedModel] = {}
 
 
 class InpaintPipeline(QwenImageInpaintPipeline):
-    """`QwenImageInpaintPipeline` with `latents` working as documented.
+    """`QwenImageInpaintPipeline` with `latents` working as documented, and a cache of prompt embeddings.
 
     Upstream returns the given latents alone from `prepare_latents`, where the caller
     unpacks three values, so any `latents` argument crashes. Here given latents are the
     starting noise in the packed layout (what `output_type="latent"` returns), noised
     onto the image exactly as the generator's noise would be.
+
+    The text encoder is deterministic, so a repeated prompt (a negative prompt most of all)
+    reuses its embeddings: the same tensors, the same images.
     """
+
+    prompt_cache_size = 0
+
+    def _get_qwen_prompt_embeds(self, prompt=None, device=None, dtype=None):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not self.prompt_cache_size or len(prompts) != 1:
+            return super()._get_qwen_prompt_embeds(prompt, device, dtype)
+        key = (prompts[0], str(device or self._execution_device), dtype or self.text_encoder.dtype)
+        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        if key not in cache:
+            cache[key] = super()._get_qwen_prompt_embeds(prompt, device, dtype)
+            while len(cache) > self.prompt_cache_size:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
 
     def prepare_latents(self, image, timestep, batch_size, num_channels_latents, height, width, dtype, device,
                         generator, latents=None):
@@ -62,6 +81,7 @@ class LoadedModel:
     dtype: torch.dtype
     tiny: bool
     load_s: float
+    warmup_s: float | None = None
 
     @property
     def size_factor(self) -> int:
@@ -75,6 +95,8 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                "load_s": round(self.load_s, 3)}
+        if self.warmup_s is not None:
+            out["warmup_s"] = round(self.warmup_s, 3)
         if self.tiny:
             out["label"] = TINY_MODEL_LABEL
         return out
@@ -128,12 +150,27 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
             else:
                 pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
+            pipe.prompt_cache_size = settings.prompt_cache_size
             _loaded[key] = LoadedModel(pipe, name if not is_tiny_model(name) else "tiny-qwen-image", device,
                                        dtype, is_tiny_model(name), time.monotonic() - started)
             log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
             if plugins is not None:
                 plugins.for_job(()).call("inpaint_pipeline_loaded", pipe=pipe, settings=settings)
         return _loaded[key]
+
+
+def warm_up(model: LoadedModel, size: int, steps: int = 2) -> float:
+    """One small job at the serving size, so the first real job finds kernels loaded and tuned."""
+    from PIL import Image
+
+    size = max(model.size_factor, size // model.size_factor * model.size_factor)
+    started = time.monotonic()
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    model.pipe(prompt="warm-up", negative_prompt="warm-up", image=Image.new("RGB", (size, size), (128, 128, 128)),
+               mask_image=mask, height=size, width=size, num_inference_steps=steps, strength=1.0,
+               generator=generator(0))
+    return time.monotonic() - started
 
 
 def count_prompt_tokens(model: LoadedModel, prompt: str) -> int:

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated plugin names never to load"
     )
     progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress reports")
+    prompt_cache_size: int = Field(32, ge=0, description="Prompts whose embeddings are kept for reuse (0: off)")
+    warmup: Literal["auto", "on", "off"] = Field(
+        "auto", description="A small job at worker start so the first real one is not slower: auto is on for CUDA"
+    )
+    warmup_size: int = Field(1024, gt=0, description="Image size of the warm-up job")
 
     broker_url: str = Field("redis://localhost:6379/0", description="Celery broker (Redis)")
     result_backend: str | None = Field(None, description="Celery result backend; defaults to the broker")
