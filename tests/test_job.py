@@ -323,3 +323,16 @@ def test_warm_up_runs_a_small_job(model):
     from worker.pipeline import warm_up
 
     assert warm_up(model, 60, steps=1) > 0  # rounded to the size factor, runs end to end
+
+
+def test_auto_crop_inpaints_a_small_mask_in_its_region_and_returns_the_full_image(runner):
+    source, mask = photo(256, 256), box_mask(256, 256, (200, 40, 224, 64))
+    cropped = runner.run(plugins={"auto_crop": {"enabled": True}, "paste_back": False}, image=data_url(source),
+                         mask_image=data_url(mask))
+    assert (cropped.images[0].width, cropped.images[0].height) == (256, 256)
+    assert cropped.parameters.padding_mask_crop == 32 and cropped.parameters.width == 88
+    out, original = runner.pixels(cropped), np.asarray(source).astype(int)
+    assert np.array_equal(out[:, :100], original[:, :100]) and np.array_equal(out[140:], original[140:])
+    assert not np.array_equal(out[40:64, 200:224], original[40:64, 200:224])
+    whole = runner.run(image=data_url(source), mask_image=data_url(mask))
+    assert whole.parameters.padding_mask_crop is None and whole.parameters.width == 256  # off unless asked

@@ -304,7 +304,7 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
             width=job.params["width"], height=job.params["height"],
             num_inference_steps=request.num_inference_steps, strength=request.strength,
             steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=request.true_cfg_scale,
-            padding_mask_crop=request.padding_mask_crop, images=len(outputs), seeds=[s for _, s in job.items],
+            padding_mask_crop=job.params["padding_mask_crop"], images=len(outputs), seeds=[s for _, s in job.items],
             output_type=request.output_type, plugins=job.plugins),
         timings=job.tracker.finish(),
         model=model.describe(),

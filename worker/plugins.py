@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "inpaint_worker"
 DEFAULT_PLUGINS = (
     "worker.builtin.normalize",
     "worker.builtin.mask",
+    "worker.builtin.auto_crop",
     "worker.builtin.cancel",
     "worker.builtin.deadline",
     "worker.builtin.preview",
