@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.parametrize(("command", "expected"), [
     (["preview.py", "--quick"], "preview / step"),
     (["overhead.py", "--quick"], "throughput"),
-    (["auto_crop.py", "--quick"], "auto crop (88x88"),
+    (["auto_crop.py", "--quick"], "auto crop (80x80"),
     (["gpu.py", "--preset", "tiny", "--size", "64", "--steps", "4", "--runs", "1"], "baseline"),
 ])
 def test_benchmark_runs_in_quick_mode(tiny_model_dir, command, expected):
