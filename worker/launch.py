@@ -52,8 +52,10 @@ def worker_command(node: str, queue: str, loglevel: str = "INFO") -> list[str]:
 def plan(gpus: list[str], cpu_workers: int, metrics_port: int | None = None) -> list[Slot]:
     if gpus:
         slots = [Slot(f"gpu{i}@%h", {"CUDA_VISIBLE_DEVICES": gpu}) for i, gpu in enumerate(gpus)]
-    else:
-        slots = [Slot(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "INPAINT_DEVICE": "cpu"}) for i in range(cpu_workers)]
+    else:  # CPU workers share the cores instead of each starting a thread per core
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))
+        slots = [Slot(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "INPAINT_DEVICE": "cpu", "OMP_NUM_THREADS": threads})
+                 for i in range(cpu_workers)]
     for i, slot in enumerate(slots):  # one metrics port per worker process
         if metrics_port:
             slot.env["INPAINT_METRICS_PORT"] = str(metrics_port + i)
