@@ -10,29 +10,13 @@ and their ratio.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import sys
-import tempfile
 import time
-from pathlib import Path
 
+from common import png_url, run_job
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from worker import job  # noqa: E402
-from worker.inputs import LocalFetcher  # noqa: E402
-from worker.outputs import DirectorySink  # noqa: E402
-from worker.pipeline import load_model  # noqa: E402
-from worker.plugins import Plugins  # noqa: E402
-from worker.settings import Settings  # noqa: E402
-
-
-def png_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+from worker.pipeline import load_model
+from worker.settings import Settings
 
 
 def main() -> None:
@@ -54,11 +38,9 @@ def main() -> None:
                "num_inference_steps": args.steps, "strength": 1.0, "seed": 0}
 
     def timed(plugins: dict) -> tuple[float, dict]:
-        with tempfile.TemporaryDirectory() as out:
-            started = time.perf_counter()
-            result = job.run({**request, "plugins": plugins}, model=model, plugins=Plugins(load_entry_points=False),
-                             fetcher=LocalFetcher(10**9), sink=DirectorySink(out), settings=settings)
-            return time.perf_counter() - started, result.parameters.model_dump()
+        started = time.perf_counter()
+        result = run_job({**request, "plugins": plugins}, model, settings)
+        return time.perf_counter() - started, result.parameters.model_dump()
 
     timed({"auto_crop": {"enabled": True}})  # warm-up
     whole, whole_params = timed({})

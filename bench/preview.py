@@ -12,31 +12,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from common import png_url, run_job
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from worker import job  # noqa: E402
-from worker.builtin.preview import render_preview  # noqa: E402
-from worker.inputs import LocalFetcher  # noqa: E402
-from worker.outputs import DirectorySink  # noqa: E402
-from worker.pipeline import load_model  # noqa: E402
-from worker.plugins import Plugins  # noqa: E402
-from worker.settings import Settings  # noqa: E402
-
-
-def png_url(image: Image.Image) -> str:
-    import base64
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+from worker.builtin.preview import render_preview
+from worker.outputs import DirectorySink
+from worker.pipeline import load_model
+from worker.settings import Settings
 
 
 def main() -> None:
@@ -48,17 +34,13 @@ def main() -> None:
     size, steps = (64, 2) if args.quick else (args.size, args.steps)
     settings = Settings(progress_interval_s=0)
     model = load_model(settings)
-    plugins = Plugins(load_entry_points=False)
     mask = Image.new("L", (size, size), 0)
     mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
     request = {"prompt": "a bench", "image": png_url(Image.new("RGB", (size, size), (90, 120, 150))),
                "mask_image": png_url(mask), "num_inference_steps": steps, "strength": 1.0, "seed": 0}
 
     def timed(**extra: object) -> dict:
-        with tempfile.TemporaryDirectory() as out:
-            result = job.run({**request, **extra}, model=model, plugins=plugins, fetcher=LocalFetcher(10**8),
-                             sink=DirectorySink(out), settings=settings)
-        return result.timings
+        return run_job({**request, **extra}, model, settings).timings
 
     timed()  # warm-up
     per_step = min(timed()["denoising"] for _ in range(3)) / steps
