@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .settings import Settings
 
@@ -29,7 +29,6 @@ class Slot:
     process: subprocess.Popen | None = None
     started: float = 0.0
     backoff_s: float = 1.0
-    restarts: int = field(default=0)
 
 
 def visible_gpus() -> list[str]:
@@ -92,7 +91,6 @@ def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0
             log.warning("worker %s exited with %s; restarting in %.0f s", slot.node, code, slot.backoff_s)
             time.sleep(slot.backoff_s)
             slot.backoff_s = min(slot.backoff_s * 2, max_backoff_s)
-            slot.restarts += 1
             if not stopping:
                 start(slot, settings)
         time.sleep(0.5)

@@ -30,7 +30,6 @@ DEFAULT_PLUGINS = (
 
 @dataclass
 class LoadReport:
-    loaded: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     origin: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> kind, distribution, version
@@ -62,7 +61,6 @@ class Plugins:
             return
         try:
             self.pm.register(importlib.import_module(module), name=name)
-            self.report.loaded.append(name)
         except Exception as error:  # a broken plugin never stops the worker
             self._skip(name, error)
 
@@ -81,7 +79,6 @@ class Plugins:
                 continue
             try:
                 self.pm.register(entry.load(), name=entry.name)
-                self.report.loaded.append(entry.name)
             except Exception as error:
                 self._skip(entry.name, error)
 
@@ -95,7 +92,6 @@ class Plugins:
             self.report.blocked.append(name)
             return
         self.pm.register(plugin, name=name)
-        self.report.loaded.append(name)
         self.report.origin.setdefault(name, {"kind": "registered", "distribution": "-", "version": "-"})
 
     @property
