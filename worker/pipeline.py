@@ -13,14 +13,13 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import QwenImageInpaintPipeline
 
+from .inpaint_pipeline import InpaintPipeline, speed_up
 from .plugins import Plugins
 from .settings import Settings
 from .tiny import TINY_MODEL_LABEL, build_tiny_model, is_tiny_model
@@ -28,49 +27,6 @@ from .tiny import TINY_MODEL_LABEL, build_tiny_model, is_tiny_model
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: dict[tuple, LoadedModel] = {}
-
-
-class InpaintPipeline(QwenImageInpaintPipeline):
-    """`QwenImageInpaintPipeline` with `latents` working as documented, and a cache of prompt embeddings.
-
-    Upstream returns the given latents alone from `prepare_latents`, where the caller
-    unpacks three values, so any `latents` argument crashes. Here given latents are the
-    starting noise in the packed layout (what `output_type="latent"` returns), noised
-    onto the image exactly as the generator's noise would be.
-
-    The text encoder is deterministic, so a repeated prompt (a negative prompt most of all)
-    reuses its embeddings: the same tensors, the same images.
-    """
-
-    prompt_cache_size = 0
-
-    def _get_qwen_prompt_embeds(self, prompt=None, device=None, dtype=None):
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not self.prompt_cache_size or len(prompts) != 1:
-            return super()._get_qwen_prompt_embeds(prompt, device, dtype)
-        key = (prompts[0], str(device or self._execution_device), dtype or self.text_encoder.dtype)
-        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
-        if key not in cache:
-            cache[key] = super()._get_qwen_prompt_embeds(prompt, device, dtype)
-            while len(cache) > self.prompt_cache_size:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        return cache[key]
-
-    def prepare_latents(self, image, timestep, batch_size, num_channels_latents, height, width, dtype, device,
-                        generator, latents=None):
-        if latents is None:
-            return super().prepare_latents(image, timestep, batch_size, num_channels_latents, height, width,
-                                           dtype, device, generator)
-        h = 2 * (int(height) // (self.vae_scale_factor * 2))
-        w = 2 * (int(width) // (self.vae_scale_factor * 2))
-        image = image.unsqueeze(2) if image.dim() == 4 else image
-        image = image.to(device=device, dtype=dtype)
-        image_latents = self._encode_vae_image(image=image, generator=generator)
-        image_latents = torch.cat([image_latents] * (batch_size // image_latents.shape[0]), dim=0)
-        image_latents = self._pack_latents(image_latents.transpose(1, 2), batch_size, num_channels_latents, h, w)
-        noise = latents.to(device=device, dtype=dtype)
-        return self.scheduler.scale_noise(image_latents, timestep, noise), noise, image_latents
 
 
 @dataclass
@@ -81,6 +37,8 @@ class LoadedModel:
     dtype: torch.dtype
     tiny: bool
     load_s: float
+    compiled: bool = False
+    attention_backend: str = "native"
     warmup_s: float | None = None
 
     @property
@@ -94,7 +52,8 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-               "load_s": round(self.load_s, 3)}
+               "load_s": round(self.load_s, 3), "batch_cfg": self.pipe.batch_cfg, "compiled": self.compiled,
+               "attention_backend": self.attention_backend}
         if self.warmup_s is not None:
             out["warmup_s"] = round(self.warmup_s, 3)
         if self.tiny:
@@ -137,7 +96,8 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
     dtype = resolve_dtype(settings, device)
     with _lock:
         name = model_path(settings)
-        key = (name, str(device), dtype, settings.offload)
+        key = (name, str(device), dtype, settings.offload, settings.batch_cfg, settings.attention_backend,
+               settings.compile)
         if key not in _loaded:
             if settings.offload != "none" and device.type != "cuda":
                 raise ValueError(f"INPAINT_OFFLOAD={settings.offload} needs a CUDA device, not {device}")
@@ -151,25 +111,51 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
                 pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
             pipe.prompt_cache_size = settings.prompt_cache_size
+            compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
+            try:
+                speed_up(pipe, batch_cfg=settings.batch_cfg, attention_backend=settings.attention_backend,
+                         compile_blocks=compiled)
+            except (ValueError, RuntimeError) as error:
+                if not settings.attention_backend:
+                    raise
+                raise ValueError(f"INPAINT_ATTENTION_BACKEND={settings.attention_backend}: {error}") from error
             _loaded[key] = LoadedModel(pipe, name if not is_tiny_model(name) else "tiny-qwen-image", device,
-                                       dtype, is_tiny_model(name), time.monotonic() - started)
+                                       dtype, is_tiny_model(name), time.monotonic() - started, compiled,
+                                       settings.attention_backend or "native")
             log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
             if plugins is not None:
                 plugins.for_job(()).call("inpaint_pipeline_loaded", pipe=pipe, settings=settings)
         return _loaded[key]
 
 
+def wants_warm_up(settings: Settings, model: LoadedModel) -> bool:
+    """`auto` warms up on CUDA, and wherever blocks are compiled: otherwise the first job compiles them."""
+    if settings.warmup == "off" and model.compiled:
+        log.warning("INPAINT_WARMUP=off with compiled blocks: the first jobs will compile them (minutes)")
+    return settings.warmup == "on" or (settings.warmup == "auto" and (model.device.type == "cuda" or model.compiled))
+
+
 def warm_up(model: LoadedModel, size: int, steps: int = 2) -> float:
-    """One small job at the serving size, so the first real job finds kernels loaded and tuned."""
+    """Small jobs at the serving size, so the first real job finds kernels loaded, tuned and compiled.
+
+    Compiled blocks need one graph per kind of step (sizes and prompt lengths are dynamic within
+    each): true CFG with prompts of different lengths (a masked batch of two when batched), true
+    CFG with prompts of one length, and no CFG (a batch of one).
+    """
     from PIL import Image
 
     size = max(model.size_factor, size // model.size_factor * model.size_factor)
     started = time.monotonic()
     mask = Image.new("L", (size, size), 0)
     mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    model.pipe(prompt="warm-up", negative_prompt="warm-up", image=Image.new("RGB", (size, size), (128, 128, 128)),
-               mask_image=mask, height=size, width=size, num_inference_steps=steps, strength=1.0,
-               generator=generator(0))
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    kinds = [("warm-up", "a longer negative prompt for the warm-up", 4.0)]
+    if model.compiled:
+        kinds += [("warm-up", "warm-up", 4.0), ("warm-up", None, 1.0)]
+    for prompt, negative_prompt, true_cfg_scale in kinds:
+        model.pipe(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, image=image,
+                   mask_image=mask, height=size, width=size, num_inference_steps=steps, strength=1.0,
+                   generator=generator(0))
     return time.monotonic() - started
 
 

@@ -38,8 +38,16 @@ class Settings(BaseSettings):
     )
     progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress reports")
     prompt_cache_size: int = Field(32, ge=0, description="Prompts whose embeddings are kept for reuse (0: off)")
+    batch_cfg: bool = Field(True, description="Run true CFG's cond and uncond passes as one batch of two")
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend (native, _native_cudnn, flash, _flash_3, ...); unset: native"
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="Regional torch.compile of the transformer's blocks, at warm-up: auto is on for CUDA"
+    )
     warmup: Literal["auto", "on", "off"] = Field(
-        "auto", description="A small job at worker start so the first real one is not slower: auto is on for CUDA"
+        "auto", description="Small jobs at worker start so the first real one is not slower: auto is on for CUDA "
+        "or when compiling"
     )
     warmup_size: int = Field(1024, gt=0, description="Image size of the warm-up job")
 

@@ -13,7 +13,7 @@ from celery.signals import worker_init
 from . import job, logs, metrics
 from .app import TASK_NAME, app, cancel_key
 from .errors import Cancelled, InvalidRequest, JobError, JobFailed
-from .pipeline import LoadedModel, load_model, warm_up
+from .pipeline import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
 from .schema import Progress, parse_request
 from .settings import get_settings
@@ -42,7 +42,7 @@ def runtime() -> Runtime:
                 raise RuntimeError("INPAINT_OUTPUT_BUCKET is not set: the worker has nowhere to write results")
             plugins = Plugins(blocked=settings.plugins_blocked)
             model = load_model(settings, plugins)
-            if settings.warmup == "on" or (settings.warmup == "auto" and model.device.type == "cuda"):
+            if wants_warm_up(settings, model):
                 model.warmup_s = warm_up(model, settings.warmup_size)
                 log.info("warmed up at %dx%d in %.1f s", settings.warmup_size, settings.warmup_size, model.warmup_s)
             log.info("worker ready: model %s on %s loaded in %.1f s; plugins %s", model.name, model.device,

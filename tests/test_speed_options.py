@@ -1,0 +1,122 @@
+"""The speed settings change how fast a job runs, never which image it makes.
+
+Each option is compared with the plain path on the same call. The comparison is on the final
+latents (`output_type="latent"`), where the tiny model's differences show: its decoded pixels
+hardly move even when attention is wrong. Speed is measured in `bench/`, not here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support import box_mask, photo
+
+LONG_NEGATIVE = "blurry, low quality, distorted, extra fingers"
+NOISE = 1e-4  # float32 on the CPU: the same computation in another order differs by ~1e-6
+
+
+def latents(model, prompt="a red apple on a table", size=(64, 64), callback=None, **call) -> torch.Tensor:
+    from worker.pipeline import generator
+
+    width, height = size
+    if callback is not None:
+        call.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    return model.pipe(prompt=prompt, image=photo(width, height), mask_image=box_mask(width, height, (16, 16, 48, 48)),
+                      height=height, width=width, num_inference_steps=4, strength=1.0, generator=generator(3),
+                      output_type="latent", **call).images
+
+
+@pytest.fixture
+def blocks_run(model):
+    """The batch of each computation of the transformer's first block."""
+    batches: list[int] = []
+    handle = model.pipe.transformer.transformer_blocks[0].register_forward_hook(
+        lambda _module, _args, output: batches.append(output[1].shape[0]))
+    yield batches
+    handle.remove()
+
+
+@pytest.fixture
+def cfg_batching(model):
+    def switch(on: bool) -> None:
+        model.pipe.batch_cfg = on
+
+    before = model.pipe.batch_cfg
+    yield switch
+    model.pipe.batch_cfg = before
+
+
+@pytest.mark.parametrize("negative_prompt", [LONG_NEGATIVE, "a red apple on a table"],
+                         ids=["longer-negative", "same-length"])
+def test_batched_cfg_runs_one_forward_a_step_and_gives_the_same_result(model, blocks_run, cfg_batching,
+                                                                        negative_prompt):
+    cfg_batching(False)
+    apart = latents(model, negative_prompt=negative_prompt, true_cfg_scale=4.0)
+    assert blocks_run == [1] * 8  # 4 steps: cond and uncond one after the other
+    blocks_run.clear()
+    cfg_batching(True)
+    together = latents(model, negative_prompt=negative_prompt, true_cfg_scale=4.0)
+    assert blocks_run == [2] * 4  # one batch of two a step
+    assert (together - apart).abs().max() < NOISE
+
+
+def test_jobs_run_with_batched_cfg_by_default(runner, blocks_run, settings):
+    assert settings.batch_cfg
+    result = runner.run(negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+    assert result.parameters.true_cfg and blocks_run == [2] * result.parameters.steps_run
+    blocks_run.clear()
+    result = runner.run()  # no negative prompt: no CFG, one pass a step
+    assert not result.parameters.true_cfg and blocks_run == [1] * result.parameters.steps_run
+
+
+def test_a_callback_that_replaces_the_prompt_embeddings_gets_them_used(model, cfg_batching):
+    other = model.pipe.encode_prompt("a bowl of green soup", device=model.device)[0]
+
+    def swap(_pipe, step, _t, _tensors):
+        return {"prompt_embeds": other} if step == 1 else {}
+
+    results = []
+    for on in (False, True):
+        cfg_batching(on)
+        results.append(latents(model, negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0, callback=swap))
+    unswapped = latents(model, negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+    assert (results[0] - results[1]).abs().max() < NOISE
+    assert (results[0] - unswapped).abs().max() > 100 * NOISE  # the swap mattered
+
+
+def test_an_attention_backend_gives_the_same_result(model, settings):
+    from worker.pipeline import load_model
+
+    chosen = load_model(settings.model_copy(update={"attention_backend": "_native_math"}))
+    assert chosen.pipe is not model.pipe and chosen.describe()["attention_backend"] == "_native_math"
+    plain = latents(model, negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+    assert (latents(chosen, negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0) - plain).abs().max() < NOISE
+
+
+def test_an_unknown_attention_backend_is_refused_at_start_naming_the_setting(settings):
+    from worker.pipeline import load_model
+
+    with pytest.raises(ValueError) as caught:
+        load_model(settings.model_copy(update={"attention_backend": "fastest"}))
+    message = str(caught.value)
+    assert message.startswith("INPAINT_ATTENTION_BACKEND=fastest") and "_native_cudnn" in message
+
+
+def test_compiled_blocks_are_ready_after_warm_up_for_any_size_and_prompt(model, settings):
+    """Warm-up compiles every kind of step once: calls of new sizes and prompt lengths compile nothing."""
+    from torch._dynamo.utils import counters
+
+    from worker.pipeline import load_model, warm_up
+
+    compiled = load_model(settings.model_copy(update={"compile": "on"}))
+    assert compiled.compiled and compiled.describe()["compiled"]
+    warm_up(compiled, 64, steps=1)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    for call in (dict(negative_prompt=LONG_NEGATIVE + ", dark", true_cfg_scale=4.0),
+                 dict(prompt="one word"),
+                 dict(negative_prompt="a red apple on a table", true_cfg_scale=4.0)):
+        fast = latents(compiled, size=(96, 80), **call)
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing new compiled
+        assert (fast - latents(model, size=(96, 80), **call)).abs().max() < NOISE

@@ -1,0 +1,160 @@
+"""The worker's `QwenImageInpaintPipeline`: upstream's call with `latents` fixed, and its speed options.
+
+It imports only torch and diffusers, so `bench/gpu.py` times exactly what the worker runs, on a GPU
+host that has none of the project's other dependencies.
+
+Speed options, all lossless (the same image up to floating-point noise):
+- a cache of prompt embeddings (`prompt_cache_size`): the text encoder is deterministic, so a
+  repeated prompt, a negative prompt most of all, reuses its embeddings;
+- batched true CFG (`batch_cfg`): each step's cond and uncond transformer passes run as one batch
+  of two, the shorter text padded and masked out;
+- `speed_up`: a diffusers attention backend, and regional compilation of the repeated
+  transformer blocks (compiled once, with dynamic shapes, so new sizes and prompt lengths reuse it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from diffusers import QwenImageInpaintPipeline
+
+log = logging.getLogger(__name__)
+
+
+class InpaintPipeline(QwenImageInpaintPipeline):
+    """`QwenImageInpaintPipeline` with `latents` working as documented, a prompt cache and batched CFG.
+
+    Upstream returns the given latents alone from `prepare_latents`, where the caller
+    unpacks three values, so any `latents` argument crashes. Here given latents are the
+    starting noise in the packed layout (what `output_type="latent"` returns), noised
+    onto the image exactly as the generator's noise would be.
+    """
+
+    prompt_cache_size = 0
+    batch_cfg = False
+    _batcher: CfgBatcher | None = None
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.batch_cfg:
+            return super().__call__(*args, **kwargs)
+        transformer = self.transformer
+        own_forward = transformer.__dict__.get("forward")  # offload hooks wrap forward on the instance
+        self._batcher = transformer.forward = CfgBatcher(transformer)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._batcher = None
+            if own_forward is None:
+                del transformer.forward
+            else:
+                transformer.forward = own_forward
+
+    def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds, mask = super().encode_prompt(*args, **kwargs)
+        if self._batcher is not None:
+            self._batcher.texts.append((embeds, mask))  # the prompt's, then the negative prompt's
+        return embeds, mask
+
+    def _get_qwen_prompt_embeds(self, prompt=None, device=None, dtype=None):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not self.prompt_cache_size or len(prompts) != 1:
+            return super()._get_qwen_prompt_embeds(prompt, device, dtype)
+        key = (prompts[0], str(device or self._execution_device), dtype or self.text_encoder.dtype)
+        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        if key not in cache:
+            cache[key] = super()._get_qwen_prompt_embeds(prompt, device, dtype)
+            while len(cache) > self.prompt_cache_size:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+
+    def prepare_latents(self, image, timestep, batch_size, num_channels_latents, height, width, dtype, device,
+                        generator, latents=None):
+        if latents is None:
+            return super().prepare_latents(image, timestep, batch_size, num_channels_latents, height, width,
+                                           dtype, device, generator)
+        h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        image = image.unsqueeze(2) if image.dim() == 4 else image
+        image = image.to(device=device, dtype=dtype)
+        image_latents = self._encode_vae_image(image=image, generator=generator)
+        image_latents = torch.cat([image_latents] * (batch_size // image_latents.shape[0]), dim=0)
+        image_latents = self._pack_latents(image_latents.transpose(1, 2), batch_size, num_channels_latents, h, w)
+        noise = latents.to(device=device, dtype=dtype)
+        return self.scheduler.scale_noise(image_latents, timestep, noise), noise, image_latents
+
+
+class CfgBatcher:
+    """The transformer's forward during one call: a step's cond pass runs cond and uncond as one batch.
+
+    Upstream calls the transformer twice a step, with the same latents: first with the prompt's
+    embeddings, then with the negative prompt's. The first call here runs both and keeps the
+    uncond half; the second returns it. Anything else (no CFG, embeddings replaced by a
+    step callback) runs as upstream does.
+    """
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer, self.forward = transformer, transformer.forward
+        self.texts: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.joint: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (latents, uncond output) of this step
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pending, self.pending = self.pending, None
+        if args or kwargs.get("return_dict", True) or len(self.texts) != 2:
+            return self.forward(*args, **kwargs)
+        (cond, _), (uncond, _) = self.texts
+        latents, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        if text is uncond and pending is not None and pending[0] is latents:
+            return (pending[1],)
+        if text is not cond:
+            return self.forward(**kwargs)
+        joint_text, joint_mask = self.joint = self.joint or self._join()
+        if joint_mask is not None and getattr(self.transformer, "_attention_takes_no_mask", False):
+            return self.forward(**kwargs)
+        both = dict(kwargs, hidden_states=torch.cat([latents, latents]), encoder_hidden_states=joint_text,
+                    encoder_hidden_states_mask=joint_mask, timestep=torch.cat([kwargs["timestep"]] * 2),
+                    img_shapes=list(kwargs["img_shapes"]) * 2)
+        if kwargs.get("guidance") is not None:
+            both["guidance"] = torch.cat([kwargs["guidance"]] * 2)
+        try:
+            output = self.forward(**both)[0]
+        except ValueError as error:
+            if joint_mask is None or "attn_mask" not in str(error):
+                raise
+            log.warning("the attention backend takes no mask: cond and uncond run apart when their prompts "
+                        "differ in length (%s)", error)
+            self.transformer._attention_takes_no_mask = True
+            return self.forward(**kwargs)
+        cond_output, uncond_output = output.chunk(2)
+        self.pending = (latents, uncond_output)
+        return (cond_output,)
+
+    def _join(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both texts in one batch, padded to the longer; a mask only where one is needed."""
+        (cond, cond_mask), (uncond, uncond_mask) = self.texts
+        length = max(cond.shape[1], uncond.shape[1])
+        if cond_mask is None and uncond_mask is None and cond.shape[1] == uncond.shape[1]:
+            return torch.cat([cond, uncond]), None
+        texts, masks = [], []
+        for embeds, mask in self.texts:
+            pad = length - embeds.shape[1]
+            if mask is None:
+                mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            texts.append(torch.nn.functional.pad(embeds, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(mask.bool(), (0, pad)))
+        return torch.cat(texts), torch.cat(masks)
+
+
+def speed_up(pipe: InpaintPipeline, *, batch_cfg: bool = True, attention_backend: str | None = None,
+             compile_blocks: bool = False) -> None:
+    """Switch on the lossless speed options; compilation happens on the next call (the warm-up's)."""
+    pipe.batch_cfg = batch_cfg
+    if attention_backend:
+        pipe.transformer.set_attention_backend(attention_backend)
+    if compile_blocks:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
