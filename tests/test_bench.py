@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent.parent
     (["preview.py", "--quick"], "preview / step"),
     (["overhead.py", "--quick"], "throughput"),
     (["auto_crop.py", "--quick"], "auto crop (80x80"),
-    (["gpu.py", "--preset", "tiny", "--size", "64", "--steps", "4", "--runs", "1"], "baseline"),
+    (["gpu.py", "--preset", "tiny", "--size", "64", "--steps", "4", "--runs", "1", "--no-compile"], "batched CFG"),
 ])
 def test_benchmark_runs_in_quick_mode(tiny_model_dir, command, expected):
     env = {**os.environ, "INPAINT_MODEL": str(tiny_model_dir)}
