@@ -6,6 +6,7 @@ the same job runs in `inpaint-worker run` on a laptop and in a Celery worker.
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import json
 import logging
@@ -14,6 +15,7 @@ import random
 import socket
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -125,12 +127,16 @@ def start(request: InpaintRequest, model: LoadedModel, plugins: Plugins, setting
 
 
 def load_inputs(job: Job, fetcher: Fetcher) -> None:
-    job.image = decode_image(fetcher.fetch(job.request.image, "image"), "image")
-    job.mask = decode_image(fetcher.fetch(job.request.mask_image, "mask_image"), "mask_image")
-    for name in TENSOR_FIELDS:
-        ref = getattr(job.request, name)
-        if ref is not None:
-            job.tensors[name] = load_tensor(fetcher.fetch(ref, name), name)
+    """Fetch every input at once (each can be a network round trip), then decode them in order."""
+    refs = {name: getattr(job.request, name) for name in ("image", "mask_image", *TENSOR_FIELDS)}
+    refs = {name: ref for name, ref in refs.items() if ref is not None}
+    with ThreadPoolExecutor(len(refs), thread_name_prefix="fetch") as pool:  # each keeps the job id for its logs
+        fetched = {name: pool.submit(contextvars.copy_context().run, fetcher.fetch, ref, name)
+                   for name, ref in refs.items()}
+    job.image = decode_image(fetched.pop("image").result(), "image")
+    job.mask = decode_image(fetched.pop("mask_image").result(), "mask_image")
+    for name, data in fetched.items():
+        job.tensors[name] = load_tensor(data.result(), name)
 
 
 def check_ready(job: Job, model: LoadedModel) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from .pipeline import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
 from .schema import Progress, parse_request
 from .settings import get_settings
-from .storage import S3Sink, StorageFetcher
+from .storage import S3Sink, StorageFetcher, s3_client
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -30,6 +31,7 @@ class Runtime:
 
     model: LoadedModel
     plugins: Plugins
+    s3: Any  # one boto3 client for every job's inputs and outputs (thread-safe; making one takes ms)
     fetcher: StorageFetcher
 
 
@@ -47,7 +49,8 @@ def runtime() -> Runtime:
                 log.info("warmed up at %dx%d in %.1f s", settings.warmup_size, settings.warmup_size, model.warmup_s)
             log.info("worker ready: model %s on %s loaded in %.1f s; plugins %s", model.name, model.device,
                      model.load_s, plugins.names)
-            _runtime = Runtime(model, plugins, StorageFetcher(settings))
+            s3 = s3_client(settings)
+            _runtime = Runtime(model, plugins, s3, StorageFetcher(settings, s3))
             metrics.MODEL_LOAD_SECONDS.set(model.load_s)
         return _runtime
 
@@ -95,11 +98,16 @@ def run_job(self: Any, job_id: str, request: dict) -> dict:
         if bucket != settings.output_bucket:
             raise InvalidRequest("output.bucket", f"this worker writes only to {settings.output_bucket!r}")
         rt = runtime()
-        result = job.run(parsed, model=rt.model, plugins=rt.plugins, fetcher=rt.fetcher,
-                         sink=S3Sink(settings, job_id, bucket, parsed.output.prefix or settings.output_prefix),
-                         settings=settings, reporter=TaskReporter(self),
-                         cancel_requested=lambda: cancel_requested(redis, job_id),
-                         job_id=job_id, worker={"node": self.request.hostname, **queue_wait(self.request)})
+        reporter = TaskReporter(self, job_id)
+        try:
+            result = job.run(parsed, model=rt.model, plugins=rt.plugins, fetcher=rt.fetcher,
+                             sink=S3Sink(settings, job_id, bucket, parsed.output.prefix or settings.output_prefix,
+                                         rt.s3),
+                             settings=settings, reporter=reporter,
+                             cancel_requested=lambda: cancel_requested(redis, job_id),
+                             job_id=job_id, worker={"node": self.request.hostname, **queue_wait(self.request)})
+        finally:
+            reporter.close()
     except JobError as error:
         log.warning("job failed: %s", error)
         raise JobFailed.from_error(error) from None
@@ -122,15 +130,48 @@ def cancel_requested(redis: Any, job_id: str) -> bool:
 
 
 class TaskReporter:
-    """Progress into the task state (for clients) and a task event (for Flower); the Tracker throttles."""
+    """Progress into the task state (for clients) and a task event (for Flower), sent by a thread of its own.
 
-    def __init__(self, task: Any):
-        self.task = task
+    The job never waits on Redis: each report replaces the one not yet sent, so a slow or
+    restarting Redis gets the newest progress when it is back. `close` sends what is pending
+    before the result is stored (and Celery never lets a late PROGRESS overwrite a SUCCESS).
+    """
+
+    def __init__(self, task: Any, job_id: str):
+        self.app, self.job_id, self.hostname = task.app, job_id, task.request.hostname
+        self._pending: Progress | None = None
+        self._closed = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._send_loop,),
+                                        name=f"progress-{job_id[:8]}", daemon=True)
+        self._thread.start()
 
     def __call__(self, progress: Progress) -> None:
+        with self._wake:
+            self._pending = progress
+            self._wake.notify()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout_s)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closed:
+                    self._wake.wait()
+                progress, self._pending = self._pending, None
+            if progress is None:
+                return
+            self._send(progress)
+
+    def _send(self, progress: Progress) -> None:
         meta = progress.model_dump(exclude_none=True)
-        try:
-            self.task.update_state(state="PROGRESS", meta=meta)
-            self.task.send_event("task-progress", **meta)
+        try:  # from this thread, Celery's task.request is not the job's: name the job explicitly
+            self.app.backend.store_result(self.job_id, meta, "PROGRESS")
+            with self.app.events.default_dispatcher(hostname=self.hostname) as events:
+                events.send("task-progress", uuid=self.job_id, **meta)
         except Exception as error:  # progress is best effort: Redis away must not fail the job
             log.warning("could not report progress: %s", error)
