@@ -25,7 +25,7 @@ from PIL import Image
 
 from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
 from .inputs import Fetcher, decode_image, load_tensor
-from .outputs import CONTENT_TYPES, EXTENSIONS, OutputSink, encode_output
+from .outputs import CONTENT_TYPES, EXTENSIONS, OutputSink, encode_output, put_all
 from .pipeline import LoadedModel, count_prompt_tokens, generator
 from .plugins import JobHooks, Plugins
 from .schema import EffectiveParameters, ImageOutput, InpaintRequest, InpaintResult, Limits, parse_request
@@ -291,18 +291,19 @@ def step_callback(job: Job, hooks: JobHooks):
 
 
 def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputSink) -> InpaintResult:
+    """Encode the images, then store them and `result.json` (which lists their addresses) all at once."""
     request = job.request
     if len(images) != job.image_count:
         raise InternalError(f"postprocess hooks returned {len(images)} images for {job.image_count}")
-    outputs = []
+    files, outputs = [], []
+    content_type = CONTENT_TYPES[request.output_type]
     for index, (image, (prompt_index, seed)) in enumerate(zip(images, job.items, strict=True)):
-        data = encode_output(image, request.output_type, request.output.quality)
-        location, url = sink.put(f"{index}.{EXTENSIONS[request.output_type]}", data,
-                                 CONTENT_TYPES[request.output_type])
+        name = f"{index}.{EXTENSIONS[request.output_type]}"
+        files.append((name, encode_output(image, request.output_type, request.output.quality), content_type))
+        location, url = sink.address(name)
         size = image.size if isinstance(image, Image.Image) else (None, None)
-        outputs.append(ImageOutput(index=index, location=location, url=url,
-                                   content_type=CONTENT_TYPES[request.output_type], width=size[0],
-                                   height=size[1], seed=seed, prompt_index=prompt_index))
+        outputs.append(ImageOutput(index=index, location=location, url=url, content_type=content_type,
+                                   width=size[0], height=size[1], seed=seed, prompt_index=prompt_index))
     result = InpaintResult(
         job_id=job.id,
         images=outputs,
@@ -312,12 +313,13 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
             steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=request.true_cfg_scale,
             padding_mask_crop=job.params["padding_mask_crop"], images=len(outputs), seeds=[s for _, s in job.items],
             output_type=request.output_type, plugins=job.plugins),
-        timings=job.tracker.finish(),
+        timings=job.tracker.finish(),  # result.json's end before its uploads; the returned result's include them
         model=model.describe(),
         worker={**job.worker, "device": device_name(model), "versions": versions()},
     )
     record = {**result.model_dump(mode="json"), "request": redacted(request)}
-    sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])
+    put_all(sink, [*files, ("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])])
+    result.timings = job.tracker.finish()
     return result
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,8 +14,12 @@ EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "latent": "safetensor
 
 
 class OutputSink(Protocol):
+    def address(self, name: str) -> tuple[str, str | None]:
+        """Where `name` (e.g. `0.png`) is stored: its location and a URL to fetch it, if any."""
+        ...
+
     def put(self, name: str, data: bytes, content_type: str) -> tuple[str, str | None]:
-        """Store `data` under `name` (e.g. `0.png`); return its location and a URL to fetch it, if any."""
+        """Store `data` under `name`; return its address."""
         ...
 
 
@@ -21,11 +27,22 @@ class DirectorySink:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
+    def address(self, name: str) -> tuple[str, str | None]:
+        return str(self.directory / name), None
+
     def put(self, name: str, data: bytes, content_type: str) -> tuple[str, str | None]:
         path = self.directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        return str(path), None
+        return self.address(name)
+
+
+def put_all(sink: OutputSink, files: list[tuple[str, bytes, str]]) -> None:
+    """Store files at once (each can be a network round trip); the first failure, in order, is raised."""
+    with ThreadPoolExecutor(len(files), thread_name_prefix="upload") as pool:  # each keeps the job id for its logs
+        puts = [pool.submit(contextvars.copy_context().run, sink.put, *file) for file in files]
+    for put in puts:
+        put.result()
 
 
 def encode_output(image: Any, output_type: str, quality: int) -> bytes:
