@@ -14,11 +14,13 @@ against one.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import os
 import socket
 import statistics
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -64,6 +66,40 @@ def queued(client: InpaintClient, size: int, params: dict, timings: list[dict]) 
     timings.append(status.result.timings)
 
 
+class LatencyProxy:
+    """A TCP proxy on loopback that holds each message for `delay_s`, as a network would (S3 in-region: 10-30 ms)."""
+
+    def __init__(self, target_port: int, delay_s: float):
+        self.target_port, self.delay_s = target_port, delay_s
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+
+    def start(self) -> LatencyProxy:
+        ready = threading.Event()
+
+        async def serve() -> None:
+            server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            await server.serve_forever()
+
+        threading.Thread(target=self.loop.run_until_complete, args=(serve(),), daemon=True).start()
+        ready.wait(10)
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer),
+                             return_exceptions=True)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(1 << 16):
+            await asyncio.sleep(self.delay_s / 2)  # half each way: a round trip costs delay_s
+            sink.write(data)
+            await sink.drain()
+        sink.close()
+
+
 def median_time(run, repeats: int) -> float:
     run()  # warm-up
     times = []
@@ -80,6 +116,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--throughput-jobs", type=int, default=16)
+    parser.add_argument("--s3-latency-ms", type=float, default=0.0,
+                        help="the worker reaches S3 through a proxy adding this round-trip time (a real network)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the script working in the tests")
     args = parser.parse_args()
     if args.quick:
@@ -93,7 +131,12 @@ def main() -> None:
         client = InpaintClient(make_app(stack.settings()))
         host = socket.gethostname()
         s3 = stack.s3.client()
-        stack.start_worker(f"bench0@{host}").wait_ready(client.app)
+        worker_env = {}
+        if args.s3_latency_ms:
+            proxy = LatencyProxy(stack.s3.port, args.s3_latency_ms / 1000).start()
+            worker_env["INPAINT_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}"
+            print(f"the worker's S3 calls take {args.s3_latency_ms:g} ms more (a proxy on loopback)")
+        stack.start_worker(f"bench0@{host}", **worker_env).wait_ready(client.app)
         for size in args.sizes:
             image, mask = inputs(size)
             s3.put_object(Bucket="inputs", Key=f"{size}.png", Body=png(image))
@@ -121,7 +164,10 @@ def main() -> None:
         empty = {"prompt": "x", "image": "s3://inputs/empty.png", "mask_image": "s3://inputs/empty-mask.png",
                  "num_inference_steps": 1, "strength": 1.0}
         round_trip = median_time(lambda: client.wait(client.submit(empty), timeout=60), args.repeats)
-        print(f"empty job (16x16, 1 step) round trip: {round_trip * 1000:.0f} ms")
+        alone = median_time(partial(direct, model, image, mask, {"prompt": "x", "num_inference_steps": 1,
+                                                                  "strength": 1.0, "height": 16, "width": 16}, encode=True), args.repeats)
+        print(f"empty job (16x16, 1 step): round trip {round_trip * 1000:.0f} ms, the same call in-process "
+              f"{alone * 1000:.0f} ms: the service's fixed cost is {(round_trip - alone) * 1000:.0f} ms a job")
 
         small = {**empty, "height": 64, "width": 64, "num_inference_steps": args.steps}
 
@@ -136,7 +182,7 @@ def main() -> None:
         threads = str(max(1, (os.cpu_count() or 1) // 2))  # as `launch --cpu-workers 2` shares the cores
         stack.workers[0].stop()
         for i in range(2):
-            stack.start_worker(f"pair{i}@{host}", OMP_NUM_THREADS=threads).wait_ready(client.app)
+            stack.start_worker(f"pair{i}@{host}", OMP_NUM_THREADS=threads, **worker_env).wait_ready(client.app)
         two = throughput()
         print(f"throughput ({args.throughput_jobs} jobs of 64x64): 1 worker {one:.2f} jobs/s, "
               f"2 workers {two:.2f} jobs/s, ratio {two / one:.2f}")

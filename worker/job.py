@@ -6,7 +6,6 @@ the same job runs in `inpaint-worker run` on a laptop and in a Celery worker.
 
 from __future__ import annotations
 
-import contextvars
 import gc
 import json
 import logging
@@ -15,8 +14,8 @@ import random
 import socket
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from importlib.metadata import version
 from typing import Any
 
@@ -25,6 +24,7 @@ from PIL import Image
 
 from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
 from .inputs import Fetcher, decode_image, load_tensor
+from .io_pool import at_once
 from .outputs import CONTENT_TYPES, EXTENSIONS, OutputSink, encode_output, put_all
 from .pipeline import LoadedModel, count_prompt_tokens, generator
 from .plugins import JobHooks, Plugins
@@ -130,9 +130,8 @@ def load_inputs(job: Job, fetcher: Fetcher) -> None:
     """Fetch every input at once (each can be a network round trip), then decode them in order."""
     refs = {name: getattr(job.request, name) for name in ("image", "mask_image", *TENSOR_FIELDS)}
     refs = {name: ref for name, ref in refs.items() if ref is not None}
-    with ThreadPoolExecutor(len(refs), thread_name_prefix="fetch") as pool:  # each keeps the job id for its logs
-        fetched = {name: pool.submit(contextvars.copy_context().run, fetcher.fetch, ref, name)
-                   for name, ref in refs.items()}
+    fetched = dict(zip(refs, at_once(*(partial(fetcher.fetch, ref, name) for name, ref in refs.items())),
+                       strict=True))
     job.image = decode_image(fetched.pop("image").result(), "image")
     job.mask = decode_image(fetched.pop("mask_image").result(), "mask_image")
     for name, data in fetched.items():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextvars
 import io
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
+
+from .io_pool import at_once
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
                  "latent": "application/octet-stream", "json": "application/json"}
@@ -38,10 +39,8 @@ class DirectorySink:
 
 
 def put_all(sink: OutputSink, files: list[tuple[str, bytes, str]]) -> None:
-    """Store files at once (each can be a network round trip); the first failure, in order, is raised."""
-    with ThreadPoolExecutor(len(files), thread_name_prefix="upload") as pool:  # each keeps the job id for its logs
-        puts = [pool.submit(contextvars.copy_context().run, sink.put, *file) for file in files]
-    for put in puts:
+    """Store the files at once (each can be a network round trip); the first failure, in order, is raised."""
+    for put in at_once(*(partial(sink.put, *file) for file in files)):
         put.result()
 
 
