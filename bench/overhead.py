@@ -164,8 +164,8 @@ def main() -> None:
         empty = {"prompt": "x", "image": "s3://inputs/empty.png", "mask_image": "s3://inputs/empty-mask.png",
                  "num_inference_steps": 1, "strength": 1.0}
         round_trip = median_time(lambda: client.wait(client.submit(empty), timeout=60), args.repeats)
-        alone = median_time(partial(direct, model, image, mask, {"prompt": "x", "num_inference_steps": 1,
-                                                                  "strength": 1.0, "height": 16, "width": 16}, encode=True), args.repeats)
+        empty_call = {"prompt": "x", "num_inference_steps": 1, "strength": 1.0, "height": 16, "width": 16}
+        alone = median_time(partial(direct, model, image, mask, empty_call, encode=True), args.repeats)
         print(f"empty job (16x16, 1 step): round trip {round_trip * 1000:.0f} ms, the same call in-process "
               f"{alone * 1000:.0f} ms: the service's fixed cost is {(round_trip - alone) * 1000:.0f} ms a job")
 
