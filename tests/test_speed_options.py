@@ -120,3 +120,23 @@ def test_compiled_blocks_are_ready_after_warm_up_for_any_size_and_prompt(model, 
         fast = latents(compiled, size=(96, 80), **call)
         assert counters["stats"]["unique_graphs"] == graphs  # nothing new compiled
         assert (fast - latents(model, size=(96, 80), **call)).abs().max() < NOISE
+
+
+def test_blocks_that_fail_to_compile_run_uncompiled_and_the_worker_serves(model, settings, caplog):
+    """A hook that breaks the graph (a plugin's, a cache's) makes compiling fail at warm-up: the model still runs."""
+    import torch._dynamo
+
+    from worker.pipeline import load_model, warm_up
+
+    compiled = load_model(settings.model_copy(update={"compile": "on", "prompt_cache_size": 7}))
+    assert compiled.compiled and compiled.pipe is not model.pipe
+    handle = compiled.pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda *_: torch._dynamo.graph_break())
+    try:
+        warm_up(compiled, 32, steps=1)
+    finally:
+        handle.remove()
+    assert not compiled.compiled and not compiled.describe()["compiled"]
+    assert "compiling the transformer's blocks failed" in caplog.text
+    call = dict(negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+    assert (latents(compiled, **call) - latents(model, **call)).abs().max() < NOISE

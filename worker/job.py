@@ -290,16 +290,17 @@ def step_callback(job: Job, hooks: JobHooks):
 
 
 def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputSink) -> InpaintResult:
-    """Encode the images, then store them and `result.json` (which lists their addresses) all at once."""
+    """Store the images at once, then `result.json`: it exists only once everything it lists does."""
     request = job.request
     if len(images) != job.image_count:
         raise InternalError(f"postprocess hooks returned {len(images)} images for {job.image_count}")
-    files, outputs = [], []
-    content_type = CONTENT_TYPES[request.output_type]
-    for index, (image, (prompt_index, seed)) in enumerate(zip(images, job.items, strict=True)):
-        name = f"{index}.{EXTENSIONS[request.output_type]}"
-        files.append((name, encode_output(image, request.output_type, request.output.quality), content_type))
-        location, url = sink.address(name)
+    content_type, extension = CONTENT_TYPES[request.output_type], EXTENSIONS[request.output_type]
+    addresses = put_all(sink, [(f"{index}.{extension}", encode_output(image, request.output_type,
+                                                                       request.output.quality), content_type)
+                               for index, image in enumerate(images)])
+    outputs = []
+    for index, (image, (prompt_index, seed), (location, url)) in enumerate(zip(images, job.items, addresses,
+                                                                                strict=True)):
         size = image.size if isinstance(image, Image.Image) else (None, None)
         outputs.append(ImageOutput(index=index, location=location, url=url, content_type=content_type,
                                    width=size[0], height=size[1], seed=seed, prompt_index=prompt_index))
@@ -312,13 +313,12 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
             steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=request.true_cfg_scale,
             padding_mask_crop=job.params["padding_mask_crop"], images=len(outputs), seeds=[s for _, s in job.items],
             output_type=request.output_type, plugins=job.plugins),
-        timings=job.tracker.finish(),  # result.json's end before its uploads; the returned result's include them
+        timings=job.tracker.finish(),
         model=model.describe(),
         worker={**job.worker, "device": device_name(model), "versions": versions()},
     )
     record = {**result.model_dump(mode="json"), "request": redacted(request)}
-    put_all(sink, [*files, ("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])])
-    result.timings = job.tracker.finish()
+    sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])
     return result
 
 

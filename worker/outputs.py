@@ -15,12 +15,8 @@ EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "latent": "safetensor
 
 
 class OutputSink(Protocol):
-    def address(self, name: str) -> tuple[str, str | None]:
-        """Where `name` (e.g. `0.png`) is stored: its location and a URL to fetch it, if any."""
-        ...
-
     def put(self, name: str, data: bytes, content_type: str) -> tuple[str, str | None]:
-        """Store `data` under `name`; return its address."""
+        """Store `data` under `name` (e.g. `0.png`); return its location and a URL to fetch it, if any."""
         ...
 
 
@@ -28,20 +24,16 @@ class DirectorySink:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
-    def address(self, name: str) -> tuple[str, str | None]:
-        return str(self.directory / name), None
-
     def put(self, name: str, data: bytes, content_type: str) -> tuple[str, str | None]:
         path = self.directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        return self.address(name)
+        return str(path), None
 
 
-def put_all(sink: OutputSink, files: list[tuple[str, bytes, str]]) -> None:
+def put_all(sink: OutputSink, files: list[tuple[str, bytes, str]]) -> list[tuple[str, str | None]]:
     """Store the files at once (each can be a network round trip); the first failure, in order, is raised."""
-    for put in at_once(*(partial(sink.put, *file) for file in files)):
-        put.result()
+    return [put.result() for put in at_once(*(partial(sink.put, *file) for file in files))]
 
 
 def encode_output(image: Any, output_type: str, quality: int) -> bytes:

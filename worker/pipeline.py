@@ -96,8 +96,8 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
     dtype = resolve_dtype(settings, device)
     with _lock:
         name = model_path(settings)
-        key = (name, str(device), dtype, settings.offload, settings.batch_cfg, settings.attention_backend,
-               settings.compile)
+        key = (name, str(device), dtype, settings.offload, settings.prompt_cache_size, settings.batch_cfg,
+               settings.attention_backend, settings.compile)
         if key not in _loaded:
             if settings.offload != "none" and device.type != "cuda":
                 raise ValueError(f"INPAINT_OFFLOAD={settings.offload} needs a CUDA device, not {device}")
@@ -152,11 +152,29 @@ def warm_up(model: LoadedModel, size: int, steps: int = 2) -> float:
     kinds = [("warm-up", "a longer negative prompt for the warm-up", 4.0)]
     if model.compiled:
         kinds += [("warm-up", "warm-up", 4.0), ("warm-up", None, 1.0)]
-    for prompt, negative_prompt, true_cfg_scale in kinds:
+
+    def run(prompt: str, negative_prompt: str | None, true_cfg_scale: float) -> None:
         model.pipe(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, image=image,
                    mask_image=mask, height=size, width=size, num_inference_steps=steps, strength=1.0,
                    generator=generator(0))
+
+    try:
+        for kind in kinds:
+            run(*kind)
+    except Exception as error:
+        if not model.compiled:
+            raise
+        log.error("compiling the transformer's blocks failed, so they run uncompiled (INPAINT_COMPILE=off skips "
+                  "the attempt): %s", error)
+        uncompile(model)
+        run(*kinds[0])
     return time.monotonic() - started
+
+
+def uncompile(model: LoadedModel) -> None:
+    for block in model.pipe.transformer.transformer_blocks:
+        block._compiled_call_impl = None  # what `Module.compile` set
+    model.compiled = False
 
 
 def count_prompt_tokens(model: LoadedModel, prompt: str) -> int:

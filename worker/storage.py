@@ -155,12 +155,6 @@ class S3Sink:
         self.prefix = f"{prefix.strip('/')}/{job_id}" if prefix.strip("/") else job_id
         self.client = client or s3_client(settings)
 
-    def address(self, name: str) -> tuple[str, str | None]:
-        key = f"{self.prefix}/{name}"
-        url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
-                                                 ExpiresIn=self.settings.presign_expiry_s)  # signed here, no call
-        return f"s3://{self.bucket}/{key}", url
-
     def put(self, name: str, data: bytes, content_type: str) -> tuple[str, str | None]:
         key = f"{self.prefix}/{name}"
         try:
@@ -170,4 +164,6 @@ class S3Sink:
         except ClientError as error:
             raise StorageError(f"writing s3://{self.bucket}/{key} was refused: "
                                f"{error.response.get('Error', {}).get('Code')}") from None
-        return self.address(name)
+        url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                 ExpiresIn=self.settings.presign_expiry_s)
+        return f"s3://{self.bucket}/{key}", url

@@ -58,8 +58,8 @@ class Tracker:
         self._new_preview = None
 
     def finish(self) -> dict[str, float]:
-        """Each stage's time so far, the current one up to now, and the total."""
         self._close_stage()
+        self.current = None
         self.timings["total"] = round(time.monotonic() - self.started, 4)
         return dict(self.timings)
 
