@@ -15,7 +15,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from importlib.metadata import version
 from typing import Any
 
@@ -315,7 +315,7 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
             output_type=request.output_type, plugins=job.plugins),
         timings=job.tracker.finish(),
         model=model.describe(),
-        worker={**job.worker, "device": device_name(model), "versions": versions()},
+        worker={**job.worker, "device": device_name(model), "versions": dict(versions())},
     )
     record = {**result.model_dump(mode="json"), "request": redacted(request)}
     sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])
@@ -338,7 +338,9 @@ def device_name(model: LoadedModel) -> str:
         model.device)
 
 
+@cache
 def versions() -> dict[str, str]:
+    """Read once a process: installed versions do not change under a running worker (and reading costs ms)."""
     return {name: version(dist) for name, dist in
             (("worker", "qwen-inpaint-worker"), ("diffusers", "diffusers"), ("torch", "torch"))}
 
