@@ -222,9 +222,7 @@ def main() -> None:
         speed_up(fast, batch_cfg=True, attention_backend=args.attention_backend)
         measure(f"+ attention {args.attention_backend}", fast)
     if args.step_cache:  # eager: its hooks break compiled graphs
-        from diffusers import FirstBlockCacheConfig
-
-        fast.transformer.enable_cache(FirstBlockCacheConfig(threshold=args.step_cache))
+        speed_up(fast, batch_cfg=True, step_cache=args.step_cache)
         measure(f"+ first-block cache {args.step_cache:g}", fast, lossy=True)
         fast.transformer.disable_cache()
     if not args.no_compile:

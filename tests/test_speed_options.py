@@ -140,3 +140,33 @@ def test_blocks_that_fail_to_compile_run_uncompiled_and_the_worker_serves(model,
     assert "compiling the transformer's blocks failed" in caplog.text
     call = dict(negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
     assert (latents(compiled, **call) - latents(model, **call)).abs().max() < NOISE
+
+
+def test_the_lossy_step_cache_skips_blocks_only_when_asked(model, settings):
+    from worker.pipeline import load_model
+
+    THRESHOLD = 3.0
+
+    cached = load_model(settings.model_copy(update={"step_cache": THRESHOLD}))
+    assert cached.pipe is not model.pipe and cached.describe()["step_cache"] == THRESHOLD
+    assert model.describe()["step_cache"] == 0
+    computed = {0: 0, 1: 0}
+    handles = [cached.pipe.transformer.transformer_blocks[i].attn.register_forward_hook(  # computed, not skipped
+        lambda *_, i=i: computed.__setitem__(i, computed[i] + 1)) for i in computed]
+    try:
+        call = dict(negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+        lossy = latents(cached, **call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert computed[0] == 4 and 1 <= computed[1] < 4  # every step ran the first block, some skipped the rest
+    assert (lossy - latents(model, **call)).abs().max() > 10 * NOISE  # lossy: a different result
+
+
+def test_the_step_cache_and_forced_compilation_are_refused_together():
+    from pydantic import ValidationError
+
+    from worker.settings import Settings
+
+    with pytest.raises(ValidationError, match="INPAINT_STEP_CACHE and INPAINT_COMPILE=on"):
+        Settings(step_cache=0.1, compile="on")

@@ -3,7 +3,7 @@
 It imports only torch and diffusers, so `bench/gpu.py` times exactly what the worker runs, on a GPU
 host that has none of the project's other dependencies.
 
-Speed options, all lossless (the same image up to floating-point noise):
+Speed options, lossless (the same image up to floating-point noise) but for the step cache:
 - a cache of prompt embeddings (`prompt_cache_size`): the text encoder is deterministic, so a
   repeated prompt, a negative prompt most of all, reuses its embeddings;
 - batched true CFG (`batch_cfg`): each step's cond and uncond transformer passes run as one batch
@@ -151,10 +151,18 @@ class CfgBatcher:
 
 
 def speed_up(pipe: InpaintPipeline, *, batch_cfg: bool = True, attention_backend: str | None = None,
-             compile_blocks: bool = False) -> None:
-    """Switch on the lossless speed options; compilation happens on the next call (the warm-up's)."""
+             compile_blocks: bool = False, step_cache: float = 0.0) -> None:
+    """Switch on the speed options; compilation happens on the next call (the warm-up's).
+
+    `step_cache` is the one lossy option: diffusers' first-block cache, which skips the
+    remaining blocks on a step whose first block changed less than this threshold.
+    """
     pipe.batch_cfg = batch_cfg
     if attention_backend:
         pipe.transformer.set_attention_backend(attention_backend)
+    if step_cache:
+        from diffusers import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=step_cache))
     if compile_blocks:
         pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)

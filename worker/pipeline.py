@@ -39,6 +39,7 @@ class LoadedModel:
     load_s: float
     compiled: bool = False
     attention_backend: str = "native"
+    step_cache: float = 0.0
     warmup_s: float | None = None
 
     @property
@@ -53,7 +54,8 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                "load_s": round(self.load_s, 3), "batch_cfg": self.pipe.batch_cfg, "compiled": self.compiled,
-               "attention_backend": self.attention_backend}
+               "attention_backend": self.attention_backend,
+               "step_cache": self.step_cache}
         if self.warmup_s is not None:
             out["warmup_s"] = round(self.warmup_s, 3)
         if self.tiny:
@@ -97,7 +99,7 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
     with _lock:
         name = model_path(settings)
         key = (name, str(device), dtype, settings.offload, settings.prompt_cache_size, settings.batch_cfg,
-               settings.attention_backend, settings.compile)
+               settings.attention_backend, settings.compile, settings.step_cache)
         if key not in _loaded:
             if settings.offload != "none" and device.type != "cuda":
                 raise ValueError(f"INPAINT_OFFLOAD={settings.offload} needs a CUDA device, not {device}")
@@ -111,17 +113,18 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
                 pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
             pipe.prompt_cache_size = settings.prompt_cache_size
-            compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
+            compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda"
+                                                    and not settings.step_cache)
             try:
                 speed_up(pipe, batch_cfg=settings.batch_cfg, attention_backend=settings.attention_backend,
-                         compile_blocks=compiled)
+                         compile_blocks=compiled, step_cache=settings.step_cache)
             except (ValueError, RuntimeError) as error:
                 if not settings.attention_backend:
                     raise
                 raise ValueError(f"INPAINT_ATTENTION_BACKEND={settings.attention_backend}: {error}") from error
             _loaded[key] = LoadedModel(pipe, name if not is_tiny_model(name) else "tiny-qwen-image", device,
                                        dtype, is_tiny_model(name), time.monotonic() - started, compiled,
-                                       settings.attention_backend or "native")
+                                       settings.attention_backend or "native", settings.step_cache)
             log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
             if plugins is not None:
                 plugins.for_job(()).call("inpaint_pipeline_loaded", pipe=pipe, settings=settings)

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="Regional torch.compile of the transformer's blocks, at warm-up: auto is on for CUDA"
     )
+    step_cache: float = Field(
+        0.0, ge=0, description="Lossy: first-block cache threshold (e.g. 0.1), skipping the other blocks on steps "
+        "that change little; 0: off. Blocks are then not compiled"
+    )
     warmup: Literal["auto", "on", "off"] = Field(
         "auto", description="Small jobs at worker start so the first real one is not slower: auto is on for CUDA "
         "or when compiling"
@@ -92,6 +96,13 @@ class Settings(BaseSettings):
                 f"({self.max_deadline_s:g}) plus INPAINT_DEADLINE_MARGIN_S ({self.deadline_margin_s:g}): otherwise "
                 "Redis hands a job that is still running to a second worker"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _step_cache_or_compile(self) -> Settings:
+        if self.step_cache and self.compile == "on":
+            raise ValueError("INPAINT_STEP_CACHE and INPAINT_COMPILE=on exclude each other: the cache's hooks "
+                             "break the compiled blocks' graphs (leave INPAINT_COMPILE at auto or off)")
         return self
 
     @property
