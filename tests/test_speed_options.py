@@ -170,3 +170,24 @@ def test_the_step_cache_and_forced_compilation_are_refused_together():
 
     with pytest.raises(ValidationError, match="INPAINT_STEP_CACHE and INPAINT_COMPILE=on"):
         Settings(step_cache=0.1, compile="on")
+
+
+def test_an_attention_backend_without_masks_runs_unequal_prompts_apart(model, settings, caplog):
+    """torch's flash kernel takes no mask (nor do flash-attn 2/3): a padded batch is impossible, a plain one is not."""
+    from worker.pipeline import load_model
+
+    flash = load_model(settings.model_copy(update={"attention_backend": "_native_flash"}))
+    batches: list[int] = []
+    handle = flash.pipe.transformer.transformer_blocks[0].attn.register_forward_hook(
+        lambda _module, _args, output: batches.append(output[0].shape[0]))
+    try:
+        unequal = latents(flash, negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+        assert "takes no mask" in caplog.text
+        assert batches[-8:] == [1] * 8  # then every step as two passes, without trying again
+        batches.clear()
+        equal = latents(flash, negative_prompt="a red apple on a table", true_cfg_scale=4.0)
+        assert batches == [2] * 4  # same length: no mask needed, still one batch
+    finally:
+        handle.remove()
+    for result, negative in ((unequal, LONG_NEGATIVE), (equal, "a red apple on a table")):
+        assert (result - latents(model, negative_prompt=negative, true_cfg_scale=4.0)).abs().max() < NOISE
