@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--throughput-jobs", type=int, default=16)
+    parser.add_argument("--throughput-jobs", type=int, default=32)
     parser.add_argument("--s3-latency-ms", type=float, default=0.0,
                         help="the worker reaches S3 through a proxy adding this round-trip time (a real network)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the script working in the tests")
@@ -178,14 +178,18 @@ def main() -> None:
                 client.wait(job_id, timeout=600)
             return args.throughput_jobs / (time.perf_counter() - started)
 
-        one = throughput()
-        threads = str(max(1, (os.cpu_count() or 1) // 2))  # as `launch --cpu-workers 2` shares the cores
+        # scaling: each worker gets its share of the cores, as each gets its own GPU in production
+        threads = str(max(1, (os.cpu_count() or 1) // 2))  # as `launch --cpu-workers 2` shares them
         stack.workers[0].stop()
+        solo = stack.start_worker(f"solo@{host}", OMP_NUM_THREADS=threads, **worker_env)
+        solo.wait_ready(client.app)
+        one = throughput()
+        solo.stop()
         for i in range(2):
             stack.start_worker(f"pair{i}@{host}", OMP_NUM_THREADS=threads, **worker_env).wait_ready(client.app)
         two = throughput()
-        print(f"throughput ({args.throughput_jobs} jobs of 64x64): 1 worker {one:.2f} jobs/s, "
-              f"2 workers {two:.2f} jobs/s, ratio {two / one:.2f}")
+        print(f"throughput ({args.throughput_jobs} jobs of 64x64, {threads} thread(s) a worker): 1 worker "
+              f"{one:.2f} jobs/s, 2 workers {two:.2f} jobs/s, ratio {two / one:.2f}")
     finally:
         stack.stop()
 
