@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import sys
 import tempfile
 from pathlib import Path
@@ -14,15 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worker import job  # noqa: E402
 from worker.inputs import LocalFetcher  # noqa: E402
-from worker.outputs import DirectorySink  # noqa: E402
+from worker.outputs import DirectorySink, encode_output  # noqa: E402
 from worker.plugins import Plugins  # noqa: E402
 from worker.schema import InpaintResult  # noqa: E402
 
 
 def png_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(encode_output(image, "png", quality=0)).decode()
 
 
 def run_job(request: dict, model, settings) -> InpaintResult:

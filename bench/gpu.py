@@ -171,7 +171,8 @@ def main() -> None:
     sync(device)
     build_s = time.perf_counter() - started
     job = standard_job(size)
-    text_tokens = len(pipe.tokenizer(pipe.prompt_template_encode.format(job["prompt"])).input_ids) - 34
+    text_tokens = (len(pipe.tokenizer(pipe.prompt_template_encode.format(job["prompt"])).input_ids)
+                   - pipe.prompt_template_encode_start_idx)
     steps_run = args.steps - int(max(args.steps - min(args.steps * args.strength, args.steps), 0))
     flops_per_job = 2 * steps_run * transformer_flops(pipe, size, text_tokens)  # cond + uncond
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -179,7 +180,7 @@ def main() -> None:
                "variants": {}}
     print(f"{args.preset} Qwen-Image (random {str(dtype).removeprefix('torch.')} weights) on {name}: built in "
           f"{build_s:.1f} s; {size}x{size}, {steps_run} of {args.steps} steps, true CFG")
-    baseline: np.ndarray | None = None
+    baseline: dict = {}  # the first variant measured: its pixels and seconds a job
 
     def measure(label: str, pipeline, lossy: bool = False) -> None:
         try:
@@ -189,7 +190,6 @@ def main() -> None:
             print(f"{label:>28}: failed: {error!r:.300}")
 
     def measure_variant(label: str, pipeline, lossy: bool) -> None:
-        nonlocal baseline
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         warm_started = time.perf_counter()
@@ -200,13 +200,12 @@ def main() -> None:
         step_s = statistics.median(s for r in runs for s in r[1])
         tflops = flops_per_job / (step_s * steps_run) / 1e12
         pixels = np.asarray(runs[-1][2]).astype(int)
-        baseline = pixels if baseline is None else baseline
-        row_of_baseline = {"job_s": job_s}
+        baseline.setdefault("pixels", pixels)
+        baseline.setdefault("job_s", job_s)
         row = {"job_s": job_s, "step_s": step_s, "warmup_s": warm_s, "tflops": tflops, "lossy": lossy,
                "peak_fraction": tflops / peak if peak else None,
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-               "speedup": next(iter(figures["variants"].values()), row_of_baseline)["job_s"] / job_s,
-               "max_pixel_diff": int(np.abs(pixels - baseline).max())}
+               "speedup": baseline["job_s"] / job_s, "max_pixel_diff": int(np.abs(pixels - baseline["pixels"]).max())}
         figures["variants"][label] = row
         print(f"{label:>28}: {job_s:6.2f} s/job {step_s * 1000:7.1f} ms/step {tflops:7.1f} TFLOP/s"
               + (f" ({row['peak_fraction']:4.0%} of {peak:.0f})" if peak else "")
@@ -231,7 +230,9 @@ def main() -> None:
         fast.batch_cfg = True
         measure("compiled blocks + batched CFG", fast)
     if args.offload:
-        fast.enable_model_cpu_offload(device=device) if args.offload == "model" else \
+        if args.offload == "model":
+            fast.enable_model_cpu_offload(device=device)
+        else:
             fast.enable_sequential_cpu_offload(device=device)
         measure(f"+ {args.offload} CPU offload", fast)
     if args.json:

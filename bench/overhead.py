@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import socket
 import statistics
@@ -32,6 +31,7 @@ from PIL import Image  # noqa: E402
 
 from worker.app import make_app  # noqa: E402
 from worker.client import InpaintClient  # noqa: E402
+from worker.outputs import encode_output  # noqa: E402
 from worker.pipeline import generator, load_model, model_path  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.stack import LocalStack  # noqa: E402
@@ -40,9 +40,7 @@ SERVICE_STAGES = ("fetching", "preprocessing", "postprocessing", "uploading")
 
 
 def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_output(image, "png", quality=0)  # the worker's own encoder (quality is for JPEG/WebP)
 
 
 def inputs(size: int) -> tuple[Image.Image, Image.Image]:

@@ -54,8 +54,7 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                "load_s": round(self.load_s, 3), "batch_cfg": self.pipe.batch_cfg, "compiled": self.compiled,
-               "attention_backend": self.attention_backend,
-               "step_cache": self.step_cache}
+               "attention_backend": self.attention_backend, "step_cache": self.step_cache}
         if self.warmup_s is not None:
             out["warmup_s"] = round(self.warmup_s, 3)
         if self.tiny:
