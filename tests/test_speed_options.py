@@ -7,6 +7,8 @@ hardly move even when attention is wrong. Speed is measured in `bench/`, not her
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -27,14 +29,22 @@ def latents(model, prompt="a red apple on a table", size=(64, 64), callback=None
                       output_type="latent", **call).images
 
 
+@contextmanager
+def batches_of(model, block: int = 0):
+    """The batch of each computation of a transformer block's attention (a skipped block computes none)."""
+    batches: list[int] = []
+    handle = model.pipe.transformer.transformer_blocks[block].attn.register_forward_hook(
+        lambda _module, _args, output: batches.append(output[0].shape[0]))
+    try:
+        yield batches
+    finally:
+        handle.remove()
+
+
 @pytest.fixture
 def blocks_run(model):
-    """The batch of each computation of the transformer's first block."""
-    batches: list[int] = []
-    handle = model.pipe.transformer.transformer_blocks[0].register_forward_hook(
-        lambda _module, _args, output: batches.append(output[1].shape[0]))
-    yield batches
-    handle.remove()
+    with batches_of(model) as batches:
+        yield batches
 
 
 @pytest.fixture
@@ -150,16 +160,10 @@ def test_the_lossy_step_cache_skips_blocks_only_when_asked(model, settings):
     cached = load_model(settings.model_copy(update={"step_cache": THRESHOLD}))
     assert cached.pipe is not model.pipe and cached.describe()["step_cache"] == THRESHOLD
     assert model.describe()["step_cache"] == 0
-    computed = {0: 0, 1: 0}
-    handles = [cached.pipe.transformer.transformer_blocks[i].attn.register_forward_hook(  # computed, not skipped
-        lambda *_, i=i: computed.__setitem__(i, computed[i] + 1)) for i in computed]
-    try:
-        call = dict(negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+    call = dict(negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+    with batches_of(cached, 0) as first, batches_of(cached, 1) as rest:
         lossy = latents(cached, **call)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert computed[0] == 4 and 1 <= computed[1] < 4  # every step ran the first block, some skipped the rest
+    assert len(first) == 4 and 1 <= len(rest) < 4  # every step ran the first block, some skipped the rest
     assert (lossy - latents(model, **call)).abs().max() > 10 * NOISE  # lossy: a different result
 
 
@@ -177,17 +181,12 @@ def test_an_attention_backend_without_masks_runs_unequal_prompts_apart(model, se
     from worker.pipeline import load_model
 
     flash = load_model(settings.model_copy(update={"attention_backend": "_native_flash"}))
-    batches: list[int] = []
-    handle = flash.pipe.transformer.transformer_blocks[0].attn.register_forward_hook(
-        lambda _module, _args, output: batches.append(output[0].shape[0]))
-    try:
+    with batches_of(flash) as batches:
         unequal = latents(flash, negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
         assert "takes no mask" in caplog.text
         assert batches[-8:] == [1] * 8  # then every step as two passes, without trying again
         batches.clear()
         equal = latents(flash, negative_prompt="a red apple on a table", true_cfg_scale=4.0)
         assert batches == [2] * 4  # same length: no mask needed, still one batch
-    finally:
-        handle.remove()
     for result, negative in ((unequal, LONG_NEGATIVE), (equal, "a red apple on a table")):
         assert (result - latents(model, negative_prompt=negative, true_cfg_scale=4.0)).abs().max() < NOISE
