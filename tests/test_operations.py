@@ -69,3 +69,27 @@ def test_the_readme_configuration_table_lists_every_setting_with_its_default():
             shown = rows[f"INPAINT_{name.upper()}"]
             assert str(default) in shown or f"{default:g}" in shown if isinstance(default, float) else \
                 str(default) in shown, f"INPAINT_{name.upper()}: README says {shown.strip()}, the default is {default}"
+
+
+def test_text_log_lines_carry_the_job_id():
+    """The default log format: every line formats, and those logged during a job name it."""
+    import io
+    import logging
+
+    from worker import logs
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logs.configure("text", "INFO")
+    stream = io.StringIO()
+    root.handlers[0].setStream(stream)
+    token = logs.current_job.set("job-42")
+    try:
+        logging.getLogger("worker.test").info("fetched %d inputs", 2)
+        logs.current_job.reset(token)
+        logging.getLogger("worker.test").warning("idle, %s", "waiting")
+    finally:
+        root.handlers[:], root.level = handlers, level
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith("INFO worker.test: [job job-42] fetched 2 inputs")
+    assert second.endswith("WARNING worker.test: idle, waiting")

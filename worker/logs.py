@@ -40,17 +40,20 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(job_prefix)s%(message)s")
+
     def format(self, record: logging.LogRecord) -> str:
         job = getattr(record, "job_id", None)
-        prefix = f"[job {job}] " if job else ""
-        return super().format(record).replace("%JOB%", prefix)
+        record.job_prefix = f"[job {job}] " if job else ""
+        return super().format(record)
 
 
 def configure(fmt: str = "text", level: str | int = "INFO") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(JobIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         TextFormatter("%(asctime)s %(levelname)s %(name)s: %JOB%%(message)s"))
+                         TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
