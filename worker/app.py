@@ -9,6 +9,7 @@ from . import logs
 from .settings import Settings, get_settings
 
 TASK_NAME = "inpaint"
+UNACKED_MUTEX_EXPIRE_S = 30
 
 
 def make_app(settings: Settings) -> Celery:
@@ -37,6 +38,9 @@ def make_app(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": settings.unacked_restore_throttle,
+            # a worker killed during a sweep leaves its lock behind: kombu's default (300 s) would hold back every
+            # redelivery that long; a sweep takes milliseconds, and two at once cannot deliver a job twice
+            "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # a Redis restart during a job must not lose its outcome: keep trying to store it
