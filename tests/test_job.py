@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -319,10 +320,17 @@ def test_a_repeated_prompt_reuses_its_embeddings_and_gives_the_same_image(runner
     assert np.array_equal(first, second) and np.array_equal(first, uncached)
 
 
-def test_warm_up_runs_a_small_job(model):
+def test_warm_up_runs_a_small_job_in_a_thread_that_ends_with_it(model):
+    """A thread left holding torch's CPU thread team would slow every later job (docs/BENCHMARKS.md)."""
     from worker.pipeline import warm_up
 
-    assert warm_up(model, 60, steps=1) > 0  # rounded to the size factor, runs end to end
+    ran_in = []
+    handle = model.pipe.transformer.register_forward_pre_hook(lambda *_: ran_in.append(threading.current_thread()))
+    try:
+        assert warm_up(model, 60, steps=1) > 0  # rounded to the size factor, runs end to end
+    finally:
+        handle.remove()
+    assert ran_in and all(thread is not threading.current_thread() and not thread.is_alive() for thread in ran_in)
 
 
 def test_auto_crop_inpaints_a_small_mask_in_its_region_and_returns_the_full_image(runner):

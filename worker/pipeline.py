@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,17 @@ def warm_up(model: LoadedModel, size: int, steps: int = 2) -> float:
     Compiled blocks need one graph per kind of step (sizes and prompt lengths are dynamic within
     each): true CFG with prompts of different lengths (a masked batch of two when batched), true
     CFG with prompts of one length, and no CFG (a batch of one).
+
+    They run in a thread that ends with them. A thread that ran torch's CPU operators keeps its
+    OpenMP thread team, and that team then competes with the job thread's: run from the worker's
+    main thread, a warm-up made every later job's pipeline call on a CPU worker slower
+    (docs/BENCHMARKS.md).
     """
+    with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as thread:  # leaving the block ends the thread
+        return thread.submit(_warm_up, model, size, steps).result()
+
+
+def _warm_up(model: LoadedModel, size: int, steps: int) -> float:
     from PIL import Image
 
     size = max(model.size_factor, size // model.size_factor * model.size_factor)
