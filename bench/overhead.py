@@ -2,13 +2,15 @@
 
     python bench/overhead.py [--sizes 256 512] [--repeats 5] [--quick]
 
-(a) `pipe(...)` in this process, bare and with its image encoded as PNG (the same deliverable
-as the service's); (b) `InpaintClient.submit` -> Redis -> a worker process -> S3 upload ->
-`wait`, on a private redis-server and S3 endpoint (the embedded stack). Same weights
-(INPAINT_MODEL, else the tiny random-weight model), seed and parameters. Prints medians, the
-ratio and overhead of (b) against the encoded call, the worker's own stages (fetch, hooks,
-upload), the round trip of an empty job (16x16, one step), and the throughput of two workers
-against one.
+(a) `pipe(...)` in this process with its image encoded as PNG (the same deliverable as the
+service's); (b) `InpaintClient.submit` -> Redis -> a worker process -> S3 upload -> `wait`, on a
+private redis-server and S3 endpoint (the embedded stack). Same weights (INPAINT_MODEL, else
+the tiny random-weight model), seed and parameters, run in interleaved pairs. On a shared
+machine the model's own time varies by more than the service's cost from one run to the next,
+so what the service adds is read from each job itself: its round trip less the pipeline call as
+the worker timed it, less the PNG encoding a direct caller pays too. The fixed cost of a job,
+everything included, is an empty job's (16x16, one step) round trip against the same call
+in-process, shown stage by stage. Last, the throughput of two workers against one.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,10 +37,13 @@ from worker.app import make_app  # noqa: E402
 from worker.client import InpaintClient  # noqa: E402
 from worker.outputs import encode_output  # noqa: E402
 from worker.pipeline import generator, load_model, model_path  # noqa: E402
+from worker.schema import InpaintResult  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.stack import LocalStack  # noqa: E402
 
 SERVICE_STAGES = ("fetching", "preprocessing", "postprocessing", "uploading")
+MODEL_STAGES = ("encoding", "denoising", "decoding")
+T = TypeVar("T")
 
 
 def png(image: Image.Image) -> bytes:
@@ -50,18 +57,52 @@ def inputs(size: int) -> tuple[Image.Image, Image.Image]:
     return image, mask
 
 
-def direct(model, image: Image.Image, mask: Image.Image, params: dict, encode: bool = False) -> None:
+def direct(model, image: Image.Image, mask: Image.Image, params: dict) -> float:
+    """The call, and its image encoded as PNG (the same deliverable as the service's); returns the encoding's time."""
     output = model.pipe(image=image, mask_image=mask, generator=generator(1), **params).images[0]
-    if encode:
-        png(output)  # the same deliverable as the service's: a PNG file's bytes
+    started = time.perf_counter()
+    png(output)
+    return time.perf_counter() - started
 
 
-def queued(client: InpaintClient, size: int, params: dict, timings: list[dict]) -> None:
-    job_id = client.submit({**params, "image": f"s3://inputs/{size}.png", "mask_image": f"s3://inputs/{size}-mask.png",
-                            "seed": 1, "plugins": {"paste_back": False}})
-    status = client.wait(job_id, timeout=600)
-    assert status.state == "SUCCESS"
-    timings.append(status.result.timings)
+def queued(client: InpaintClient, request: dict) -> InpaintResult:
+    status = client.wait(client.submit(request), timeout=600)
+    assert status.state == "SUCCESS", status.error
+    return status.result
+
+
+def timed(run: Callable[[], T]) -> tuple[float, T]:
+    started = time.perf_counter()
+    value = run()
+    return time.perf_counter() - started, value
+
+
+def pipeline_s(result: InpaintResult) -> float:
+    """The worker's own clock on the pipeline call inside the job (text encoding, denoising, VAE decoding)."""
+    return sum(result.timings.get(stage, 0.0) for stage in MODEL_STAGES)
+
+
+def compare(model, client: InpaintClient, size: int, image: Image.Image, mask: Image.Image, params: dict,
+            repeats: int) -> str:
+    """Direct and queued in interleaved pairs (which goes first alternates), after one warm-up of each."""
+    request = {**params, "image": f"s3://inputs/{size}.png", "mask_image": f"s3://inputs/{size}-mask.png", "seed": 1,
+               "plugins": {"paste_back": False}}
+    run_direct, run_queued = partial(direct, model, image, mask, params), partial(queued, client, request)
+    run_direct(), run_queued()
+    rows = []
+    for i in range(repeats):
+        if i % 2:
+            (b, result), (a, encode) = timed(run_queued), timed(run_direct)
+        else:
+            (a, encode), (b, result) = timed(run_direct), timed(run_queued)
+        rows.append((a, b, encode, b - pipeline_s(result), sum(result.timings.get(s, 0.0) for s in SERVICE_STAGES)))
+    a, b, encode, outside, service = (statistics.median(column) for column in zip(*rows, strict=True))
+    added = outside - encode
+    return (f"{size}x{size}: direct {a * 1000:.0f} ms (PNG encoding included), through the service {b * 1000:.0f} ms, "
+            f"ratio {b / a:.3f}; the service adds {added * 1000:.0f} ms a job ({added / a * 100:.1f} % of the direct "
+            f"call): the round trip outside the pipeline call ({outside * 1000:.0f} ms) less the PNG encoding a "
+            f"direct caller pays too ({encode * 1000:.0f} ms); the worker's fetch, hooks and upload "
+            f"{service * 1000:.0f} ms")
 
 
 class LatencyProxy:
@@ -98,6 +139,18 @@ class LatencyProxy:
         sink.close()
 
 
+def breakdown(runs: list[tuple[float, InpaintResult]]) -> str:
+    """Submit to task start, the job's stages, then the rest: result.json stored, the result stored and read back."""
+    parts: dict[str, list[float]] = {}
+    for seconds, result in runs:
+        queue = result.worker.get("queue_wait_s", 0.0)
+        stages = {"queue wait": queue, **{s: t for s, t in result.timings.items() if s != "total"}}
+        stages["result.json, then the result to the client"] = seconds - queue - result.timings["total"]
+        for stage, t in stages.items():
+            parts.setdefault(stage, []).append(t)
+    return ", ".join(f"{stage} {statistics.median(t) * 1000:.1f}" for stage, t in parts.items())
+
+
 def median_time(run, repeats: int) -> float:
     run()  # warm-up
     times = []
@@ -116,6 +169,8 @@ def main() -> None:
     parser.add_argument("--throughput-jobs", type=int, default=32)
     parser.add_argument("--s3-latency-ms", type=float, default=0.0,
                         help="the worker reaches S3 through a proxy adding this round-trip time (a real network)")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the bench's workers, e.g. INPAINT_WARMUP=on (repeatable)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: keeps the script working in the tests")
     args = parser.parse_args()
     if args.quick:
@@ -129,7 +184,7 @@ def main() -> None:
         client = InpaintClient(make_app(stack.settings()))
         host = socket.gethostname()
         s3 = stack.s3.client()
-        worker_env = {}
+        worker_env = dict(setting.split("=", 1) for setting in args.worker_env)
         if args.s3_latency_ms:
             proxy = LatencyProxy(stack.s3.port, args.s3_latency_ms / 1000).start()
             worker_env["INPAINT_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}"
@@ -142,15 +197,7 @@ def main() -> None:
             params = {"prompt": "a bench", "height": size, "width": size, "num_inference_steps": args.steps,
                       "strength": 1.0}
 
-            a = median_time(partial(direct, model, image, mask, params), args.repeats)
-            encoded = median_time(partial(direct, model, image, mask, params, encode=True), args.repeats)
-            timings: list[dict] = []
-            b = median_time(partial(queued, client, size, params, timings), args.repeats)
-            service = statistics.median(sum(t.get(stage, 0.0) for stage in SERVICE_STAGES) for t in timings)
-            print(f"{size}x{size}: direct {a * 1000:.0f} ms ({encoded * 1000:.0f} ms with the PNG encoded), "
-                  f"through the service {b * 1000:.0f} ms, ratio {b / encoded:.3f}, overhead "
-                  f"{(b - encoded) * 1000:.0f} ms ({(b - encoded) / encoded * 100:.1f} %) over the encoded call; "
-                  f"the worker's own fetch, hooks and upload {service * 1000:.0f} ms")
+            print(compare(model, client, size, image, mask, params, args.repeats), flush=True)
         started = time.perf_counter()
         for i in range(20):
             s3.put_object(Bucket="outputs", Key=f"latency/{i}", Body=b"x" * 1024)
@@ -161,11 +208,13 @@ def main() -> None:
         s3.put_object(Bucket="inputs", Key="empty-mask.png", Body=png(mask))
         empty = {"prompt": "x", "image": "s3://inputs/empty.png", "mask_image": "s3://inputs/empty-mask.png",
                  "num_inference_steps": 1, "strength": 1.0}
-        round_trip = median_time(lambda: client.wait(client.submit(empty), timeout=60), args.repeats)
+        runs = [timed(partial(queued, client, empty)) for _ in range(args.repeats + 1)][1:]
+        round_trip = statistics.median(seconds for seconds, _ in runs)
         empty_call = {"prompt": "x", "num_inference_steps": 1, "strength": 1.0, "height": 16, "width": 16}
-        alone = median_time(partial(direct, model, image, mask, empty_call, encode=True), args.repeats)
+        alone = median_time(partial(direct, model, image, mask, empty_call), args.repeats)
         print(f"empty job (16x16, 1 step): round trip {round_trip * 1000:.0f} ms, the same call in-process "
               f"{alone * 1000:.0f} ms: the service's fixed cost is {(round_trip - alone) * 1000:.0f} ms a job")
+        print("  where the round trip goes (medians, ms): " + breakdown(runs))
 
         small = {**empty, "height": 64, "width": 64, "num_inference_steps": args.steps}
 
