@@ -140,12 +140,12 @@ def transformer_flops(pipe, size: int, text_tokens: int) -> float:
 def worker_pipeline(pipe: QwenImageInpaintPipeline):
     """The worker's pipeline class over the same components (imports torch and diffusers only), its prompt cache on."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from worker.inpaint_pipeline import InpaintPipeline, speed_up
+    from worker import inpaint_pipeline
 
-    fast = InpaintPipeline(**pipe.components)
+    fast = inpaint_pipeline.InpaintPipeline(**pipe.components)
     fast.set_progress_bar_config(disable=True)
     fast.prompt_cache_size = 32  # the worker's default
-    return fast, speed_up
+    return fast, inpaint_pipeline  # and its speed options
 
 
 def main() -> None:
@@ -221,20 +221,19 @@ def main() -> None:
 
     # the worker's defaults first (a run cut short at its time limit keeps them), then the optional variants
     measure("baseline (plain diffusers)", pipe)
-    fast, speed_up = worker_pipeline(pipe)
+    fast, options = worker_pipeline(pipe)
     measure("+ prompt cache", fast)  # the same prompts every run: encoded once, in the warm-up run
-    speed_up(fast, batch_cfg=True)
+    options.speed_up(fast, batch_cfg=True)
     measure("+ batched CFG", fast)
     if not args.no_compile:
-        speed_up(fast, batch_cfg=True, compile_blocks=True)  # compiles on the next call: its warm-up run
+        options.speed_up(fast, batch_cfg=True, compile_blocks=True)  # compiles on the next call: its warm-up run
         measure("+ compiled blocks", fast)
-        for block in fast.transformer.transformer_blocks:
-            block._compiled_call_impl = None  # eager again: what follows is measured against batched CFG
+        options.uncompile_blocks(fast)  # eager again: what follows is measured against batched CFG
     if args.attention_backend:
-        speed_up(fast, batch_cfg=True, attention_backend=args.attention_backend)
+        options.speed_up(fast, batch_cfg=True, attention_backend=args.attention_backend)
         measure(f"batched CFG + attention {args.attention_backend}", fast)
     if args.step_cache:
-        speed_up(fast, batch_cfg=True, step_cache=args.step_cache)
+        options.speed_up(fast, batch_cfg=True, step_cache=args.step_cache)
         measure(f"batched CFG + first-block cache {args.step_cache:g}", fast, lossy=True)
         fast.transformer.disable_cache()
     if args.offload:

@@ -77,9 +77,9 @@ def timed(run: Callable[[], T]) -> tuple[float, T]:
     return time.perf_counter() - started, value
 
 
-def pipeline_s(result: InpaintResult) -> float:
-    """The worker's own clock on the pipeline call inside the job (text encoding, denoising, VAE decoding)."""
-    return sum(result.timings.get(stage, 0.0) for stage in MODEL_STAGES)
+def stages_s(result: InpaintResult, stages: tuple[str, ...]) -> float:
+    """The worker's own clock on these stages of the job (MODEL_STAGES: the pipeline call)."""
+    return sum(result.timings.get(stage, 0.0) for stage in stages)
 
 
 def compare(model, client: InpaintClient, size: int, image: Image.Image, mask: Image.Image, params: dict,
@@ -95,7 +95,7 @@ def compare(model, client: InpaintClient, size: int, image: Image.Image, mask: I
             (b, result), (a, encode) = timed(run_queued), timed(run_direct)
         else:
             (a, encode), (b, result) = timed(run_direct), timed(run_queued)
-        rows.append((a, b, encode, b - pipeline_s(result), sum(result.timings.get(s, 0.0) for s in SERVICE_STAGES)))
+        rows.append((a, b, encode, b - stages_s(result, MODEL_STAGES), stages_s(result, SERVICE_STAGES)))
     a, b, encode, outside, service = (statistics.median(column) for column in zip(*rows, strict=True))
     added = outside - encode
     return (f"{size}x{size}: direct {a * 1000:.0f} ms (PNG encoding included), through the service {b * 1000:.0f} ms, "

@@ -166,3 +166,9 @@ def speed_up(pipe: InpaintPipeline, *, batch_cfg: bool = True, attention_backend
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=step_cache))
     if compile_blocks:
         pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+
+
+def uncompile_blocks(pipe: InpaintPipeline) -> None:
+    """Undo `speed_up(compile_blocks=True)`: the transformer's blocks run eagerly again."""
+    for block in pipe.transformer.transformer_blocks:
+        block._compiled_call_impl = None  # what `Module.compile` set

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .inpaint_pipeline import InpaintPipeline, speed_up
+from .inpaint_pipeline import InpaintPipeline, speed_up, uncompile_blocks
 from .plugins import Plugins
 from .settings import Settings
 from .tiny import TINY_MODEL_LABEL, build_tiny_model, is_tiny_model
@@ -185,8 +185,7 @@ def _warm_up(model: LoadedModel, size: int, steps: int) -> float:
 
 
 def uncompile(model: LoadedModel) -> None:
-    for block in model.pipe.transformer.transformer_blocks:
-        block._compiled_call_impl = None  # what `Module.compile` set
+    uncompile_blocks(model.pipe)
     model.compiled = False
 
 
