@@ -70,6 +70,9 @@ def test_the_api_and_the_pages_refuse_requests_without_the_right_credentials(flo
 
 
 def test_the_worker_is_online_during_a_long_job_and_the_finished_task_is_listed(stack, client, worker, flower):
+    # Flower's HTTP port opens before its event receiver subscribes, and events sent before that are lost to it
+    # (the task's name comes with the first): a heartbeat of this worker shows the receiver is listening
+    assert poll(lambda: api(flower, "/api/workers?status=1").get(worker.node) is True), "Flower hears no events"
     job_id = client.submit({"prompt": "a red apple", "image": upload(stack, "flower-photo.png", photo()),
                             "mask_image": upload(stack, "flower-mask.png", box_mask()), "seed": 1,
                             "num_inference_steps": 40, "strength": 1.0, "plugins": SLOW})
