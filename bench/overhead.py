@@ -232,8 +232,9 @@ def main() -> None:
         solo.wait_ready(client.app)
         one = throughput()
         solo.stop()
-        for i in range(2):
-            stack.start_worker(f"pair{i}@{host}", OMP_NUM_THREADS=threads, **worker_env).wait_ready(client.app)
+        pair = [stack.start_worker(f"pair{i}@{host}", OMP_NUM_THREADS=threads, **worker_env) for i in range(2)]
+        for worker in pair:  # started together, so their model loads overlap
+            worker.wait_ready(client.app)
         two = throughput()
         print(f"throughput ({args.throughput_jobs} jobs of 64x64, {threads} thread(s) a worker): 1 worker "
               f"{one:.2f} jobs/s, 2 workers {two:.2f} jobs/s, ratio {two / one:.2f}")

@@ -190,3 +190,36 @@ def test_an_attention_backend_without_masks_runs_unequal_prompts_apart(model, se
         assert batches == [2] * 4  # same length: no mask needed, still one batch
     for result, negative in ((unequal, LONG_NEGATIVE), (equal, "a red apple on a table")):
         assert (result - latents(model, negative_prompt=negative, true_cfg_scale=4.0)).abs().max() < NOISE
+
+
+def test_fp8_blocks_hold_float8_weights_and_change_the_result_only_a_little(model, settings):
+    from worker.inpaint_pipeline import Fp8Linear
+    from worker.pipeline import load_model
+
+    def block_bytes(loaded) -> int:
+        blocks = loaded.pipe.transformer.transformer_blocks
+        return sum(t.numel() * t.element_size() for t in [*blocks.parameters(), *blocks.buffers()])
+
+    fp8 = load_model(settings.model_copy(update={"fp8": True}))
+    assert fp8.pipe is not model.pipe and fp8.describe()["fp8"] and not model.describe()["fp8"]
+    layers = [m for m in fp8.pipe.transformer.transformer_blocks.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 28 and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
+    assert not any(type(m) is torch.nn.Linear for m in fp8.pipe.transformer.transformer_blocks.modules())
+    assert block_bytes(fp8) < 0.35 * block_bytes(model)  # float32 weights to float8, plus a scale per channel
+    call = dict(negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+    lossy, plain = latents(fp8, **call), latents(model, **call)
+    assert (lossy - plain).abs().max() > 10 * NOISE  # lossy: a different result
+    assert (lossy - plain).norm() / plain.norm() < 0.01  # but float8 rounding, not a broken layer
+
+
+def test_a_worker_started_with_INPAINT_FP8_runs_float8_jobs_and_says_so(tiny_model_dir, plugins, tmp_path,
+                                                                        monkeypatch):
+    from tests.support import Runner
+    from worker.pipeline import load_model
+    from worker.settings import Settings
+
+    monkeypatch.setenv("INPAINT_FP8", "true")
+    settings = Settings(model=str(tiny_model_dir), cache_dir=tmp_path, progress_interval_s=0)
+    result = Runner(load_model(settings), plugins, settings, tmp_path).run(negative_prompt=LONG_NEGATIVE,
+                                                                           true_cfg_scale=4.0)
+    assert result.model["fp8"] is True and result.parameters.true_cfg

@@ -10,6 +10,9 @@ Speed options, lossless (the same image up to floating-point noise) but for the 
   of two, the shorter text padded and masked out;
 - `speed_up`: a diffusers attention backend, and regional compilation of the repeated
   transformer blocks (compiled once, with dynamic shapes, so new sizes and prompt lengths reuse it).
+
+Lossy, opt-in: the first-block step cache (`speed_up(step_cache=...)`) and float8 blocks
+(`quantize_blocks_fp8`).
 """
 
 from __future__ import annotations
@@ -172,3 +175,55 @@ def uncompile_blocks(pipe: InpaintPipeline) -> None:
     """Undo `speed_up(compile_blocks=True)`: the transformer's blocks run eagerly again."""
     for block in pipe.transformer.transformer_blocks:
         block._compiled_call_impl = None  # what `Module.compile` set
+
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def quantize_blocks_fp8(transformer: torch.nn.Module, device: torch.device | None = None) -> int:
+    """Lossy: the linear layers of the transformer's blocks become `Fp8Linear`s; returns how many.
+
+    The blocks hold nearly all the transformer's weights, so its memory halves (from bfloat16).
+    With `device`, each block moves there before it is quantized, so the device never holds
+    more than one block in bfloat16.
+    """
+    count = 0
+    for block in transformer.transformer_blocks:
+        if device is not None:
+            block.to(device)
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear and child.in_features % 16 == 0 and child.out_features % 16 == 0:
+                    setattr(parent, name, Fp8Linear(child))  # _scaled_mm needs both sizes in multiples of 16
+                    count += 1
+    return count
+
+
+class Fp8Linear(torch.nn.Module):
+    """A linear layer whose product runs in float8 (e4m3) through `torch._scaled_mm`.
+
+    The weight is quantized once, with a scale per output channel; the input at each call, with
+    a scale per token. The product accumulates in float32 and comes out in the input's dtype.
+    On CUDA this needs float8 matrix units (compute capability 8.9 or newer); the CPU runs it too.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        self.register_buffer("weight", (weight / scale).to(torch.float8_e4m3fn))  # buffers: no dtype casts
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out_features)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        quantized = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
+                               out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .inpaint_pipeline import InpaintPipeline, speed_up, uncompile_blocks
+from .inpaint_pipeline import InpaintPipeline, quantize_blocks_fp8, speed_up, uncompile_blocks
 from .plugins import Plugins
 from .settings import Settings
 from .tiny import TINY_MODEL_LABEL, build_tiny_model, is_tiny_model
@@ -41,6 +41,7 @@ class LoadedModel:
     compiled: bool = False
     attention_backend: str = "native"
     step_cache: float = 0.0
+    fp8: bool = False
     warmup_s: float | None = None
 
     @property
@@ -55,7 +56,7 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                "load_s": round(self.load_s, 3), "batch_cfg": self.pipe.batch_cfg, "compiled": self.compiled,
-               "attention_backend": self.attention_backend, "step_cache": self.step_cache}
+               "attention_backend": self.attention_backend, "step_cache": self.step_cache, "fp8": self.fp8}
         if self.warmup_s is not None:
             out["warmup_s"] = round(self.warmup_s, 3)
         if self.tiny:
@@ -99,12 +100,15 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
     with _lock:
         name = model_path(settings)
         key = (name, str(device), dtype, settings.offload, settings.prompt_cache_size, settings.batch_cfg,
-               settings.attention_backend, settings.compile, settings.step_cache)
+               settings.attention_backend, settings.compile, settings.step_cache, settings.fp8)
         if key not in _loaded:
             if settings.offload != "none" and device.type != "cuda":
                 raise ValueError(f"INPAINT_OFFLOAD={settings.offload} needs a CUDA device, not {device}")
             started = time.monotonic()
             pipe = InpaintPipeline.from_pretrained(name, dtype=dtype)
+            if settings.fp8:
+                check_fp8(device)
+                quantize_blocks_fp8(pipe.transformer, device if settings.offload == "none" else None)
             if settings.offload == "model":
                 pipe.enable_model_cpu_offload(device=device)
             elif settings.offload == "sequential":
@@ -124,11 +128,18 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
                 raise ValueError(f"INPAINT_ATTENTION_BACKEND={settings.attention_backend}: {error}") from error
             _loaded[key] = LoadedModel(pipe, name if not is_tiny_model(name) else "tiny-qwen-image", device,
                                        dtype, is_tiny_model(name), time.monotonic() - started, compiled,
-                                       settings.attention_backend or "native", settings.step_cache)
+                                       settings.attention_backend or "native", settings.step_cache, settings.fp8)
             log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
             if plugins is not None:
                 plugins.for_job(()).call("inpaint_pipeline_loaded", pipe=pipe, settings=settings)
         return _loaded[key]
+
+
+def check_fp8(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"INPAINT_FP8 needs float8 matrix units, compute capability 8.9 or newer (L4, L40S, "
+                         f"RTX 4090, H100, ...): {device} ({torch.cuda.get_device_name(device)}) is {major}.{minor}")
 
 
 def wants_warm_up(settings: Settings, model: LoadedModel) -> bool:

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Lossy: first-block cache threshold (e.g. 0.1), skipping the other blocks on steps "
         "that change little; 0: off. Blocks are then not compiled"
     )
+    fp8: bool = Field(
+        False, description="Lossy: the transformer blocks' linear layers in float8 (e4m3), half the transformer's "
+        "memory; CUDA needs compute capability 8.9+ (L4, L40S, RTX 4090, H100)"
+    )
     warmup: Literal["auto", "on", "off"] = Field(
         "auto", description="Small jobs at worker start so the first real one is not slower: auto is on for CUDA "
         "or when compiling"
