@@ -89,6 +89,18 @@ def test_list_prompts_and_images_per_prompt_give_one_image_each_with_its_seed(ru
     assert len({runner.pixels(result, i).tobytes() for i in range(4)}) == 4
 
 
+def test_three_prompts_with_two_images_each_make_six_images_within_the_cap_of_eight(runner, settings):
+    assert settings.max_images == 8
+    result = runner.run(prompt=["a cat", "a dog", "a fox"], num_images_per_prompt=2)
+    assert [image.prompt_index for image in result.images] == [0, 0, 1, 1, 2, 2]
+
+
+def test_seeds_counted_up_from_the_largest_wrap_to_seeds_a_request_may_give(runner):
+    result = runner.run(num_images_per_prompt=2, seed=2**63 - 1)
+    assert result.parameters.seeds == [2**63 - 1, 0]
+    assert runner.run(num_images_per_prompt=2, seed=result.parameters.seeds).images  # a valid request again
+
+
 def test_a_batched_job_gives_each_prompt_and_seed_the_image_it_gets_alone(runner, direct_pipe):
     prompts = ["a cat", "a small brown dog sitting on green grass in the warm afternoon sunshine"]
     batch = runner.run(plugins=NO_PASTE, prompt=prompts, num_images_per_prompt=2, seed=[11, 12, 13, 14],

@@ -8,6 +8,7 @@ hardly move even when attention is wrong. Speed is measured in `bench/`, not her
 from __future__ import annotations
 
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -223,3 +224,22 @@ def test_a_worker_started_with_INPAINT_FP8_runs_float8_jobs_and_says_so(tiny_mod
     result = Runner(load_model(settings), plugins, settings, tmp_path).run(negative_prompt=LONG_NEGATIVE,
                                                                            true_cfg_scale=4.0)
     assert result.model["fp8"] is True and result.parameters.true_cfg
+
+
+def test_the_masked_image_is_not_encoded_for_nothing_and_the_result_is_upstreams(model):
+    """Upstream VAE-encodes the masked image and never reads it: the worker's pipeline encodes the image alone."""
+    from diffusers import QwenImageInpaintPipeline
+
+    upstream = SimpleNamespace(pipe=QwenImageInpaintPipeline(**model.pipe.components))
+    upstream.pipe.set_progress_bar_config(disable=True)
+    encodes: list[int] = []
+    handle = model.pipe.vae.encoder.register_forward_hook(lambda *_: encodes.append(1))
+    try:
+        theirs = latents(upstream, negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+        assert len(encodes) == 2  # the image, and the masked image
+        encodes.clear()
+        ours = latents(model, negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
+        assert len(encodes) == 1
+    finally:
+        handle.remove()
+    assert (ours - theirs).abs().max() < NOISE

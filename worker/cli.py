@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
-    request: dict[str, Any] = json.loads(Path(args.request).read_text()) if args.request else {}
+    request: dict[str, Any] = read_request_file(args.request) if args.request else {}
     for flag, name in (("image", "image"), ("mask", "mask_image"), ("prompt", "prompt")):
         if getattr(args, flag) is not None:
             request[name] = getattr(args, flag)
@@ -74,6 +74,15 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         except json.JSONDecodeError:
             request[name] = raw
     return request
+
+
+def read_request_file(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as error:
+        raise InvalidRequest("--request", f"cannot read {path}: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequest("--request", f"{path} is not a JSON object: {error}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

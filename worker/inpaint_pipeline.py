@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class InpaintPipeline(QwenImageInpaintPipeline):
-    """`QwenImageInpaintPipeline` with `latents` working as documented, a prompt cache and batched CFG.
+    """`QwenImageInpaintPipeline` with `latents` working as documented, a prompt cache, batched CFG, and
+    without upstream's unused VAE encode of the masked image.
 
     Upstream returns the given latents alone from `prepare_latents`, where the caller
     unpacks three values, so any `latents` argument crashes. Here given latents are the
@@ -74,6 +75,18 @@ class InpaintPipeline(QwenImageInpaintPipeline):
                 cache.popitem(last=False)
         cache.move_to_end(key)
         return cache[key]
+
+    def prepare_mask_latents(self, mask, masked_image, batch_size, num_channels_latents, num_images_per_prompt,
+                             height, width, dtype, device, generator):
+        """Upstream's mask latents, without encoding the masked image: upstream encodes it with the VAE and
+        never reads the result (Qwen-Image's transformer takes no masked image), which costs one VAE encode
+        a call. A zero latent of the right shape takes its place (so `masked_image_latents` changes nothing,
+        as upstream)."""
+        shape = (1, self.latent_channels, 1, 2 * (int(height) // (self.vae_scale_factor * 2)),
+                 2 * (int(width) // (self.vae_scale_factor * 2)))
+        unused = torch.zeros(shape, device=device, dtype=dtype)
+        return super().prepare_mask_latents(mask, unused, batch_size, num_channels_latents, num_images_per_prompt,
+                                            height, width, dtype, device, generator)
 
     def prepare_latents(self, image, timestep, batch_size, num_channels_latents, height, width, dtype, device,
                         generator, latents=None):

@@ -37,7 +37,7 @@ def read_data_url(ref: str, field: str, max_bytes: int) -> bytes:
         if len(raw.rstrip("=")) * 3 // 4 > max_bytes:  # a cheap bound before decoding
             raise InvalidRequest(field, f"data: URL is over the {max_bytes}-byte cap")
         try:
-            data = base64.b64decode(raw, validate=True)
+            data = base64.b64decode(re.sub(r"\s+", "", raw), validate=True)  # line-wrapped base64 too
         except (binascii.Error, ValueError):
             raise InvalidRequest(field, "data: URL is not valid base64") from None
     else:
@@ -93,7 +93,8 @@ def decode_image(data: bytes, field: str, max_pixels: int = MAX_DECODE_PIXELS) -
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidRequest(field, f"image is too large to decode (over {max_pixels} pixels)") from None
     except Exception as error:  # PIL raises many types for corrupt and truncated files
-        raise InvalidRequest(field, f"not a readable image (PNG, JPEG, WebP): {error}") from None
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names its in-memory file
+        raise InvalidRequest(field, f"not a readable image (PNG, JPEG, WebP): {why}") from None
     return image
 
 

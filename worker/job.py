@@ -141,7 +141,7 @@ def load_inputs(job: Job, fetcher: Fetcher) -> None:
 def check_ready(job: Job, model: LoadedModel) -> None:
     """What can only be checked once inputs are loaded and preprocessed, before any GPU time is spent."""
     request, width, height = job.request, job.params["width"], job.params["height"]
-    job.limits.check_size(width, height)
+    job.limits.check_size(width, height, "width" if request.width is not None and request.height is None else "height")
     for name, value in (("width", width), ("height", height)):
         if value % model.size_factor:
             raise InvalidRequest(name, f"{value} is not a multiple of {model.size_factor} (the model's size factor)")
@@ -160,8 +160,11 @@ def check_ready(job: Job, model: LoadedModel) -> None:
                                      f"({request.max_sequence_length}); shorten it or raise max_sequence_length "
                                      "(at most 1024)")
     prompts = check_tensors(job, model)
+    job.limits.check_images(prompts * request.num_images_per_prompt)
     job.items = plan_images(request, prompts)
-    job.limits.check(request.model_copy(update={"num_images_per_prompt": len(job.items)}))
+    if "latents" in job.tensors and job.tensors["latents"].shape[0] not in (1, len(job.items)):
+        raise InvalidRequest("latents", f"has {job.tensors['latents'].shape[0]} rows for {len(job.items)} images; "
+                             "give one row for every image, or one each")
 
 
 def check_tensors(job: Job, model: LoadedModel) -> int:
@@ -172,12 +175,19 @@ def check_tensors(job: Job, model: LoadedModel) -> int:
     height, width = job.params["height"], job.params["width"]
     for name in ("prompt_embeds", "negative_prompt_embeds"):
         if name in t:
-            if t[name].dim() != 3 or t[name].shape[-1] != dim or not t[name].is_floating_point():
-                raise InvalidRequest(name, f"shape {list(t[name].shape)} {t[name].dtype}; expected a float tensor "
-                                     f"[prompts, tokens, {dim}]")
+            shape = list(t[name].shape)
+            if len(shape) != 3 or 0 in shape or shape[-1] != dim or not t[name].is_floating_point():
+                raise InvalidRequest(name, f"shape {shape} {t[name].dtype}; expected a float tensor "
+                                     f"[prompts, tokens, {dim}], none of them 0")
+            if shape[1] > request.max_sequence_length:
+                raise InvalidRequest(name, f"has {shape[1]} tokens, over max_sequence_length "
+                                     f"({request.max_sequence_length}); raise max_sequence_length (at most 1024)")
             t[name] = t[name].to(model.device, model.dtype)
     if "prompt_embeds" in t:
         prompts = t["prompt_embeds"].shape[0]
+        if isinstance(request.negative_prompt, list) and len(request.negative_prompt) != prompts:
+            raise InvalidRequest("negative_prompt", f"has {len(request.negative_prompt)} entries for {prompts} "
+                                 "prompts (rows of prompt_embeds); give one each")
     for name, embeds in (("prompt_embeds_mask", "prompt_embeds"),
                          ("negative_prompt_embeds_mask", "negative_prompt_embeds")):
         if name in t:
@@ -197,7 +207,8 @@ def check_tensors(job: Job, model: LoadedModel) -> int:
     if "masked_image_latents" in t:
         m = t["masked_image_latents"]
         expected = (model.latent_channels, height // factor, width // factor)
-        if m.dim() not in (4, 5) or m.shape[0] != 1 or (m.shape[1], m.shape[-2], m.shape[-1]) != expected:
+        if (m.dim() not in (4, 5) or m.shape[0] != 1 or (m.shape[1], m.shape[-2], m.shape[-1]) != expected
+                or (m.dim() == 5 and m.shape[2] != 1)):
             raise InvalidRequest("masked_image_latents", f"shape {list(m.shape)}; expected [1, {expected[0]}, "
                                  f"(1,) {expected[1]}, {expected[2]}] for {width}x{height}")
     for name in ("latents", "masked_image_latents"):
@@ -218,7 +229,7 @@ def plan_images(request: InpaintRequest, prompts: int) -> list[tuple[int, int]]:
         seeds = request.seed
     else:
         base = request.seed if request.seed is not None else random.SystemRandom().randrange(2**62)
-        seeds = [base + k for k in range(count)]
+        seeds = [(base + k) % 2**63 for k in range(count)]  # each a valid seed to ask for again
     return [(k // request.num_images_per_prompt, seeds[k]) for k in range(count)]
 
 

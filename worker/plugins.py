@@ -26,6 +26,9 @@ DEFAULT_PLUGINS = (
     "worker.builtin.progress",
     "worker.builtin.paste_back",
 )
+# built-ins a request cannot turn off: a job stops when cancelled and by its deadline (the deadline is what keeps
+# Redis from handing a running job to a second worker); an operator can still block them
+ALWAYS_ON = ("cancel", "deadline")
 
 
 @dataclass
@@ -121,6 +124,9 @@ class Plugins:
                 continue
             if plugin is None:
                 raise InvalidRequest(f"plugins.{name}", f"no plugin of that name is active; active: {self.names}")
+            if value is False and name in ALWAYS_ON:
+                raise InvalidRequest(f"plugins.{name}", f"cannot be turned off by a request ({', '.join(ALWAYS_ON)} "
+                                     "keep every job stoppable); give options instead, or none")
             model = getattr(plugin, "Options", None)
             if value is False or model is None:
                 validated[name] = value

@@ -26,23 +26,33 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 class OutputOptions(BaseModel):
     """Where and how results are written (the bucket and prefix apply to the queue's S3 sink)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     bucket: str | None = None
     prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_./-]{0,200}$", description="default: INPAINT_OUTPUT_PREFIX")
+
+    @field_validator("prefix")
+    @classmethod
+    def _plain_key_prefix(cls, value: str | None) -> str | None:
+        parts = (value or "").strip("/").split("/")
+        if value and ("" in parts or any(part in (".", "..") for part in parts)):
+            raise ValueError(f"{value!r:.80} has an empty, '.' or '..' path segment; use names joined by single "
+                             "slashes, e.g. 'renders/2026'")
+        return value
     quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
 
 
 class InpaintRequest(BaseModel):
-    """One inpainting job. Unknown fields are rejected."""
+    """One inpainting job. Unknown fields are rejected; JSON types are not coerced (`"7"` is not an int,
+    `true` not a number) and numbers must be finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str | list[str] | None = None
     negative_prompt: str | list[str] | None = None
     true_cfg_scale: float = Field(4.0, ge=0)
-    image: str | list[str] = Field(..., description="Reference to the image, or one per prompt")
-    mask_image: str | list[str] = Field(..., description="Reference to the mask (white = repaint), or one per prompt")
+    image: str = Field(..., description="Reference to the image (one a job: a job's prompts share it)")
+    mask_image: str = Field(..., description="Reference to the mask (white = repaint)")
     masked_image_latents: str | None = None
     height: int | None = Field(None, gt=0)
     width: int | None = Field(None, gt=0)
@@ -50,7 +60,7 @@ class InpaintRequest(BaseModel):
     strength: float = Field(0.6, gt=0, le=1)
     num_inference_steps: int = Field(50, ge=1)
     sigmas: list[float] | None = None
-    guidance_scale: float | None = None
+    guidance_scale: float | None = Field(None, ge=0)
     num_images_per_prompt: int = Field(1, ge=1)
     seed: int | list[int] | None = None
     latents: str | None = None
@@ -107,8 +117,9 @@ class InpaintRequest(BaseModel):
         unknown = set(value or {}) - ATTENTION_KWARGS_ALLOWED
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(ATTENTION_KWARGS_ALLOWED)}")
-        if value and not isinstance(value.get("scale", 1.0), int | float):
-            raise ValueError("scale (the LoRA scale) must be a number")
+        scale = (value or {}).get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise ValueError(f"scale (the LoRA scale) must be a finite number, got {scale!r:.40}")
         return value
 
     @model_validator(mode="after")
@@ -124,17 +135,11 @@ class InpaintRequest(BaseModel):
                 raise _field_error(name, "needs prompt_embeds")
         if self.negative_prompt_embeds_mask is not None and self.negative_prompt_embeds is None:
             raise _field_error("negative_prompt_embeds_mask", "needs negative_prompt_embeds")
-        prompts = len(self.prompt) if isinstance(self.prompt, list) else 1
-        if isinstance(self.negative_prompt, list) and len(self.negative_prompt) != prompts:
+        prompts = self.prompt_count  # with prompt_embeds, known once the tensor is loaded (job.check_tensors)
+        if isinstance(self.negative_prompt, list) and self.prompt is not None and len(self.negative_prompt) != prompts:
             raise _field_error(
                 "negative_prompt", f"has {len(self.negative_prompt)} entries for {prompts} prompts; give one each"
             )
-        for name in ("image", "mask_image"):
-            refs = getattr(self, name)
-            if isinstance(refs, list) and len(refs) not in (1, prompts) and self.prompt is not None:
-                raise _field_error(name, f"has {len(refs)} entries for {prompts} prompts; give one, or one each")
-            if isinstance(refs, list) and not refs:
-                raise _field_error(name, "the list is empty")
         if isinstance(self.seed, list) and self.prompt is not None and len(self.seed) != self.image_count:
             raise _field_error(
                 "seed", f"has {len(self.seed)} seeds for {self.image_count} images "
@@ -198,11 +203,7 @@ class Limits:
             raise InvalidRequest(
                 "num_inference_steps", f"{request.num_inference_steps} is over this worker's cap of {self.max_steps}"
             )
-        if request.image_count > self.max_images:
-            raise InvalidRequest(
-                "num_images_per_prompt",
-                f"the job would make {request.image_count} images; this worker allows at most {self.max_images}",
-            )
+        self.check_images(request.image_count)
         if request.deadline_s is not None and request.deadline_s > self.max_deadline_s:
             raise InvalidRequest("deadline_s", f"{request.deadline_s} is over this worker's cap of "
                                  f"{self.max_deadline_s} s")
@@ -214,10 +215,18 @@ class Limits:
                     f"try {max(self.size_factor, round(value / self.size_factor) * self.size_factor)}"
                 )
 
-    def check_size(self, width: int, height: int) -> None:
+    def check_images(self, count: int) -> None:
+        if count > self.max_images:
+            raise InvalidRequest(
+                "num_images_per_prompt",
+                f"the job would make {count} images (prompts x num_images_per_prompt); this worker allows at most "
+                f"{self.max_images}",
+            )
+
+    def check_size(self, width: int, height: int, field: str = "height") -> None:
         if width * height > self.max_pixels:
             raise InvalidRequest(
-                "height", f"{width}x{height} is {width * height} pixels, over this worker's budget of "
+                field, f"{width}x{height} is {width * height} pixels, over this worker's budget of "
                 f"{self.max_pixels}"
             )
 

@@ -94,6 +94,9 @@ def run_job(self: Any, job_id: str, request: dict) -> dict:
         if redis.exists(cancel_key(job_id)):
             raise Cancelled("cancelled before it started")
         parsed = parse_request(request)
+        if parsed.job_id is not None and parsed.job_id != job_id:
+            raise InvalidRequest("job_id", f"{parsed.job_id!r} differs from the task's id; a job's id is its task's: "
+                                 "send_task(..., task_id=job_id), or leave job_id out")
         bucket = parsed.output.bucket or settings.output_bucket
         if bucket != settings.output_bucket:
             raise InvalidRequest("output.bucket", f"this worker writes only to {settings.output_bucket!r}")
