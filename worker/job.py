@@ -28,7 +28,7 @@ from .io_pool import at_once
 from .outputs import CONTENT_TYPES, EXTENSIONS, OutputSink, encode_output, put_all
 from .pipeline import LoadedModel, count_prompt_tokens, generator
 from .plugins import JobHooks, Plugins
-from .schema import EffectiveParameters, ImageOutput, InpaintRequest, InpaintResult, Limits, parse_request
+from .schema import EffectiveParameters, ImageOutput, InpaintRequest, InpaintResult, Limits, parse_request, redacted
 from .settings import Settings
 from .tracking import Reporter, Tracker, no_reporter
 
@@ -328,18 +328,10 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
         model=model.describe(),
         worker={**job.worker, "device": device_name(model), "versions": dict(versions())},
     )
-    record = {**result.model_dump(mode="json"), "request": redacted(request)}
+    record = {**result.model_dump(mode="json"), "request": redacted(request.model_dump(mode="json",
+                                                                                        exclude_none=True))}
     sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])
     return result
-
-
-def redacted(request: InpaintRequest) -> dict[str, Any]:
-    """The request for the record: data: URLs shortened to their size (they can be megabytes)."""
-    record = request.model_dump(mode="json", exclude_none=True)
-    for name, value in record.items():
-        if isinstance(value, str) and value.startswith("data:"):
-            record[name] = f"{value.split(',', 1)[0]},... ({len(value)} characters)"
-    return record
 
 
 def device_name(model: LoadedModel) -> str:

@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -182,6 +183,37 @@ class InpaintRequest(BaseModel):
     def plugin_options(self, name: str) -> dict[str, Any]:
         options = self.plugins.get(name)
         return options if isinstance(options, dict) else {}
+
+
+SECRET_KEY = re.compile(r"secret|token|passw|api_?key|authori[sz]ation|credential|signature", re.I)
+
+
+def redacted(value: Any) -> Any:
+    """A request (or any part of one) as it may be recorded: in result.json, logs, task events.
+
+    `data:` URLs are shortened to their type and size (they can be megabytes), URLs lose their
+    query, fragment and user info (signatures, tokens, passwords), and values under keys named
+    like secrets are hidden, at any depth.
+    """
+    if isinstance(value, dict):
+        return {key: "<redacted>" if SECRET_KEY.search(str(key)) and value[key] is not None else redacted(value[key])
+                for key in value}
+    if isinstance(value, list | tuple):
+        return [redacted(item) for item in value]
+    if isinstance(value, str):
+        return redacted_reference(value)
+    return value
+
+
+def redacted_reference(ref: str) -> str:
+    """One reference as it may be shown: `data:` URLs by size, other URLs without query or credentials."""
+    if ref.startswith("data:"):
+        return f"{ref.split(',', 1)[0][:100]},... ({len(ref)} characters)"
+    parts = urlsplit(ref)
+    if not parts.scheme or not parts.netloc:
+        return ref
+    query = "..." if parts.query or parts.fragment else ""
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, query, ""))  # no user:password@
 
 
 def _field_error(field: str, message: str) -> ValueError:
