@@ -93,3 +93,50 @@ def test_an_s3_input_over_the_size_cap_is_refused(stack):
         fetcher.fetch(ref, "image")
     assert caught.value.field == "image" and "cap" in caught.value.message
     assert len(StorageFetcher(stack.settings(), client=stack.s3.client()).fetch(ref, "image")) > 1000
+
+
+def test_a_failed_https_input_is_reported_without_its_signature(monkeypatch):
+    """A signed URL's query is its credential: errors (task state, logs, webhooks, Flower) show the URL without it."""
+    from worker import storage
+    from worker.errors import StorageError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True).start()  # no TLS: the fetch fails
+    monkeypatch.setattr(storage, "refuse_internal_address", lambda host, field: None)  # loopback only in tests
+    fetcher = StorageFetcher(Settings(http_allow=["127.0.0.1"]), client=object())
+    try:
+        with pytest.raises(StorageError) as caught:
+            fetcher.fetch(f"https://127.0.0.1:{port}/photo.png?X-Amz-Signature=SIGNATURE123&token=TOKEN456", "image")
+    finally:
+        listener.close()
+    message = caught.value.message
+    assert f"https://127.0.0.1:{port}/photo.png?..." in message
+    assert "SIGNATURE123" not in message and "TOKEN456" not in message
+
+
+def test_a_settings_error_does_not_echo_the_broker_password():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        Settings(broker_url="redis://:S3CRETPASS@127.0.0.1:9/0", step_cache=0.1, compile="on")
+    assert "INPAINT_STEP_CACHE" in str(caught.value) and "S3CRETPASS" not in str(caught.value)
+
+
+def test_what_is_recorded_of_a_request_holds_no_credentials_and_no_megabytes():
+    from worker.schema import redacted
+
+    request = {"prompt": "a barn: http is not a URL here", "image": "data:image/png;base64," + "A" * 100_000,
+               "mask_image": "https://user:pw@cdn.example.com/m.png?X-Amz-Signature=SIG#frag",
+               "plugins": {"webhook": {"url": "https://hooks.example.com/cb?token=TOK", "secret": "SEC",
+                                       "retries": 3}},
+               "seed": [1, 2]}
+    shown = redacted(request)
+    assert shown["prompt"] == request["prompt"] and shown["seed"] == [1, 2]
+    assert shown["image"] == "data:image/png;base64,... (100022 characters)"
+    assert shown["mask_image"] == "https://cdn.example.com/m.png?..."
+    assert shown["plugins"]["webhook"] == {"url": "https://hooks.example.com/cb?...", "secret": "<redacted>",
+                                           "retries": 3}
+    assert not any(secret in repr(shown) for secret in ("pw", "SIG", "TOK", "SEC"))

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INPAINT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="INPAINT_", extra="ignore", hide_input_in_errors=True)  # secrets
 
     model: str | None = Field(
         None,

@@ -20,11 +20,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import InputForbidden, InputNotFound, InvalidRequest, StorageError
 from .inputs import read_data_url
+from .schema import redacted_reference
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+# the worker's own credentials refused: the operator's problem, not the request's
+CREDENTIALS_REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                       "TokenRefreshRequired", "InvalidClientTokenId"}
 FORBIDDEN = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
@@ -103,6 +107,9 @@ class StorageFetcher:
             code = str(error.response.get("Error", {}).get("Code"))
             if code in NOT_FOUND:
                 raise InputNotFound(f"{field}: no object at {ref}", field=field) from None
+            if code in CREDENTIALS_REFUSED:
+                raise StorageError(f"{field}: reading {ref}: S3 refused this worker's credentials ({code}); "
+                                   "the operator's S3 settings need fixing", field=field) from None
             raise InputForbidden(f"{field}: reading {ref} was refused ({code})", field=field) from None
 
     def _fetch_https(self, ref: str, field: str) -> bytes:
@@ -111,15 +118,16 @@ class StorageFetcher:
             raise InputForbidden(f"{field}: host {host!r} is not on the allow-list (INPAINT_HTTP_ALLOW)", field=field)
         refuse_internal_address(host, field)
         opener = urllib.request.build_opener(NoRedirects)
+        shown = redacted_reference(ref)  # signed URLs carry their signature in the query
         try:
             with opener.open(ref, timeout=30) as response:
                 data = response.read(self.settings.input_max_bytes + 1)
         except urllib.error.HTTPError as error:
             if error.code == 404:
-                raise InputNotFound(f"{field}: {ref} answered 404", field=field) from None
-            raise InputForbidden(f"{field}: {ref} answered HTTP {error.code}", field=field) from None
+                raise InputNotFound(f"{field}: {shown} answered 404", field=field) from None
+            raise InputForbidden(f"{field}: {shown} answered HTTP {error.code}", field=field) from None
         except OSError as error:
-            raise StorageError(f"{field}: fetching {ref} failed: {error}", field=field) from None
+            raise StorageError(f"{field}: fetching {shown} failed: {error}", field=field) from None
         if len(data) > self.settings.input_max_bytes:
             raise InvalidRequest(field, f"over the {self.settings.input_max_bytes}-byte cap")
         return data
