@@ -213,3 +213,134 @@ def test_job_failed_hook_hears_the_error_and_cannot_replace_it(runner):
         runner.run(manager=manager_with(("listener", Listener())), mask_image=empty, job_id="failing-job")
     assert caught.value.field == "mask_image"
     assert seen == [("failing-job", "invalid_request", "mask_image")]
+
+
+def test_a_plugin_with_a_misspelled_hook_or_a_hook_wrapper_is_reported_and_skipped():
+    class Misspelled:
+        @hookimpl
+        def inpaint_postproces(self, images):
+            return images
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def inpaint_postprocess(self, images):
+            return (yield)
+
+    manager = manager_with(("misspelled", Misspelled()), ("wrapper", Wrapper()))
+    assert "misspelled" not in manager.names and "wrapper" not in manager.names
+    assert "unknown hooks ['inpaint_postproces']" in manager.report.failed["misspelled"]
+    assert "inpaint_postprocess" in manager.report.failed["misspelled"]  # the list of real hooks
+    assert "wrappers are not supported" in manager.report.failed["wrapper"]
+    assert {row["name"]: row["status"] for row in manager.describe()}["wrapper"] == "failed"
+
+
+def test_a_plugin_whose_pipeline_setup_raises_is_skipped_and_the_others_set_up(model, settings):
+    seen = []
+
+    class Broken:
+        @hookimpl
+        def inpaint_pipeline_loaded(self, pipe):
+            raise FileNotFoundError("lora.safetensors")
+
+        @hookimpl
+        def inpaint_postprocess(self, images):
+            seen.append("broken ran a job")
+
+    class Good:
+        @hookimpl
+        def inpaint_pipeline_loaded(self, pipe, settings):
+            seen.append(("set up", pipe is model.pipe))
+
+    manager = manager_with(("broken", Broken()), ("good", Good()))
+    manager.pipeline_loaded(model.pipe, settings)
+    assert seen == [("set up", True)]
+    assert "broken" not in manager.names and "lora.safetensors" in manager.report.failed["broken"]
+
+
+def test_outcome_hooks_that_raise_are_logged_and_the_others_still_hear(runner, caplog):
+    heard = []
+
+    class Loud:
+        @hookimpl(tryfirst=True)
+        def inpaint_job_finished(self):
+            raise RuntimeError("finished hook broke")
+
+        @hookimpl(tryfirst=True)
+        def inpaint_job_failed(self):
+            raise RuntimeError("failed hook broke")
+
+    class Listener:
+        @hookimpl
+        def inpaint_job_finished(self, result):
+            heard.append(("finished", result.job_id))
+
+        @hookimpl
+        def inpaint_job_failed(self, error):
+            heard.append(("failed", error.code))
+
+    manager = manager_with(("loud", Loud()), ("listener", Listener()))
+    result = runner.run(manager=manager)  # the job succeeded: a finished hook cannot turn it into a failure
+    with pytest.raises(InvalidRequest):
+        runner.run(manager=manager, mask_image=data_url(Image.new("L", (64, 64), 0)))
+    assert heard == [("finished", result.job_id), ("failed", "invalid_request")]
+    assert "'loud' raised in inpaint_job_finished" in caplog.text and "failed hook broke" in caplog.text
+
+
+class ReturnsOneImage:
+    @hookimpl
+    def inpaint_postprocess(self, images):
+        return images[0]
+
+
+class ReturnsNoImages:
+    @hookimpl
+    def inpaint_postprocess(self, images):
+        return []
+
+
+class ReturnsATensor:
+    @hookimpl
+    def inpaint_step_end(self, latents):
+        return latents
+
+
+class ReturnsAnotherKey:
+    @hookimpl
+    def inpaint_step_end(self, latents):
+        return {"noise": latents}
+
+
+@pytest.mark.parametrize(("plugin", "expected"), [
+    (ReturnsOneImage, "returned an object of type Image; expected None or a list of 1 images"),
+    (ReturnsNoImages, "returned a list of 0; expected None or a list of 1 images"),
+    (ReturnsATensor, "returned a tensor of shape [1, 64, 16]; expected None or {'latents': a tensor of shape "
+                     "[1, 64, 16]}"),
+    (ReturnsAnotherKey, "returned {'noise': a tensor of shape [1, 64, 16]}; expected None or {'latents'"),
+])
+def test_a_plugin_returning_the_wrong_thing_fails_the_job_naming_it_and_what_was_expected(runner, plugin, expected):
+    with pytest.raises(PluginError) as caught:
+        runner.run(manager=manager_with(("wrong", plugin())))
+    assert caught.value.plugin == "wrong" and expected in caught.value.message, caught.value.message
+
+
+def test_each_step_end_plugin_sees_the_latents_the_one_before_left(runner):
+    seen = []
+
+    class Zeroing:
+        @hookimpl
+        def inpaint_step_end(self, latents):
+            return {"latents": torch.zeros_like(latents)}
+
+    class Observer:
+        @hookimpl
+        def inpaint_step_end(self, latents):
+            seen.append(float(latents.abs().max()))
+
+    runner.run(manager=manager_with(("zeroing", Zeroing()), ("observer", Observer())), plugins={"paste_back": False})
+    assert seen and all(value == 0 for value in seen)
+
+
+def test_a_bad_plugin_option_names_the_option_in_the_field(runner):
+    with pytest.raises(InvalidRequest) as caught:
+        runner.run(plugins={"mask": {"grow": "a lot"}})
+    assert caught.value.field == "plugins.mask.grow"

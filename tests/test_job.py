@@ -266,7 +266,7 @@ def cmyk_url(image: Image.Image) -> str:
     ({"height": 60, "width": 64}, "height", "multiple of 8"),
     ({"num_inference_steps": 500}, "num_inference_steps", "cap"),
     ({"prompt": ["a"] * 3, "num_images_per_prompt": 3}, "num_images_per_prompt", "at most"),
-    ({"plugins": {"mask": {"grow": -1}}}, "plugins.mask", "grow"),
+    ({"plugins": {"mask": {"grow": -1}}}, "plugins.mask.grow", "grow"),
     ({"plugins": {"nope": True}}, "plugins.nope", "no plugin"),
     ({"image": "s3://bucket/key.png"}, "image", "local runner"),
     ({"image": "/no/such/file.png"}, "image", "no file"),

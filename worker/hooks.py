@@ -1,8 +1,14 @@
 """The hooks a plugin can implement: the table of contents of what a plugin can do.
 
-Each hook receives keyword arguments; an implementation takes only the ones it needs.
-A plugin that raises fails the job it ran in (`plugin_error`, naming the plugin), except
-that raising a `worker.errors.JobError` (e.g. `Cancelled`) ends the job with that error.
+Each hook receives keyword arguments; an implementation takes only the ones it needs (declared
+without defaults: pluggy never passes an argument that has one). A plugin that raises, or
+returns something other than what its hook takes, fails the job it ran in (`plugin_error`,
+naming the plugin), except that raising a `worker.errors.JobError` (e.g. `Cancelled`) ends the
+job with that error. The hooks that tell of an outcome (`inpaint_job_finished`,
+`inpaint_job_failed`) and `inpaint_pipeline_loaded` are the exceptions: see each.
+
+A plugin implementing a hook not listed here (a misspelling) or a hook wrapper is reported
+as failed and skipped when it loads.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def inpaint_pipeline_loaded(pipe: Any, settings: Any) -> None:
     """Once per worker process, after the pipeline is loaded and before the first job.
 
-    Load LoRA weights, pick an attention backend, compile. Return nothing.
+    Load LoRA weights, pick an attention backend, compile. Return nothing. A plugin that raises
+    here is reported as failed and skipped (unregistered): the worker serves without it.
     """
 
 
@@ -38,7 +45,8 @@ def inpaint_step_end(job: Any, step: int, total_steps: int, timestep: Any, laten
     """After each denoising step (bridged from diffusers' `callback_on_step_end`). Keep it cheap.
 
     `step` counts from 1 to `total_steps` (the steps that really run) for image `job.image_index`;
-    `latents` are the packed latents. Return `{"latents": tensor}` to replace them, or None.
+    `latents` are the packed latents, as the plugins before this one left them. Return
+    `{"latents": tensor}` (the same shape) to replace them, or None.
     """
 
 
@@ -53,9 +61,13 @@ def inpaint_postprocess(job: Any, images: list) -> list | None:
 
 @hookspec
 def inpaint_job_finished(job: Any, result: Any) -> None:
-    """After the outputs are written; `result` is the `InpaintResult`. Return nothing."""
+    """After the outputs are written; `result` is the `InpaintResult`. Return nothing.
+
+    Errors raised here are logged only: the job has succeeded, and the other plugins still hear of it.
+    """
 
 
 @hookspec
 def inpaint_job_failed(job: Any, error: Any) -> None:
-    """When a job fails; `error` is the `JobError` it ends with. Errors raised here are logged only."""
+    """When a job fails; `error` is the `JobError` it ends with. Errors raised here are logged only, and
+    the other plugins still hear of it."""

@@ -102,14 +102,14 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
         check_ready(job, model)
         images = generate(job, model, hooks)
         job.tracker.enter("postprocessing")
-        images = hooks.chain("inpaint_postprocess", "images", images, job=job)
+        images = hooks.chain("inpaint_postprocess", "images", images, same_count, job=job)
         job.tracker.enter("uploading")
         result = write_outputs(job, model, images, sink)
-        hooks.call("inpaint_job_finished", job=job, result=result)
+        hooks.notify("inpaint_job_finished", job=job, result=result)
         return result
     except Exception as raised:
         error = as_job_error(raised, model)
-        notify_failed(hooks, job, error)
+        hooks.notify("inpaint_job_failed", job=job, error=error)  # a raising hook never hides the job's error
         raise error from raised
 
 
@@ -290,14 +290,35 @@ def step_callback(job: Job, hooks: JobHooks):
     total = job.steps_run
 
     def on_step_end(pipe: Any, i: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        for replacement in hooks.call("inpaint_step_end", job=job, step=i + 1, total_steps=total,
-                                      timestep=timestep, latents=tensors["latents"]):
-            tensors.update(replacement)
+        tensors["latents"] = hooks.chain("inpaint_step_end", "latents", tensors["latents"], replaced_latents,
+                                         job=job, step=i + 1, total_steps=total, timestep=timestep)
         if i + 1 == total:
             job.tracker.enter("decoding")
         return tensors
 
     return on_step_end
+
+
+def same_count(returned: Any, images: list[Any]) -> list[Any]:
+    if not isinstance(returned, list) or len(returned) != len(images):
+        raise TypeError(f"returned {describe(returned)}; expected None or a list of {len(images)} images")
+    return returned
+
+
+def replaced_latents(returned: Any, latents: torch.Tensor) -> torch.Tensor:
+    new = returned.get("latents", latents) if isinstance(returned, dict) and set(returned) <= {"latents"} else None
+    if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
+        raise TypeError(f"returned {describe(returned)}; expected None or {{'latents': a tensor of shape "
+                        f"{list(latents.shape)}}}")
+    return new
+
+
+def describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key!r}: {describe(item)}" for key, item in value.items()) + "}"
+    return f"a list of {len(value)}" if isinstance(value, list) else f"an object of type {type(value).__name__}"
 
 
 def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputSink) -> InpaintResult:
@@ -364,9 +385,3 @@ def free_memory(model: LoadedModel) -> None:
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
 
-
-def notify_failed(hooks: JobHooks, job: Job, error: JobError) -> None:
-    try:
-        hooks.call("inpaint_job_failed", job=job, error=error)
-    except Exception:  # a failing failure hook must not hide the job's own error
-        log.exception("an inpaint_job_failed hook raised")

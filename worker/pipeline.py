@@ -131,7 +131,7 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
                                        settings.attention_backend or "native", settings.step_cache, settings.fp8)
             log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
             if plugins is not None:
-                plugins.for_job(()).call("inpaint_pipeline_loaded", pipe=pipe, settings=settings)
+                plugins.pipeline_loaded(pipe, settings)
         return _loaded[key]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from .errors import InvalidRequest, JobError, PluginError
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "inpaint_worker"
+HOOK_NAMES = sorted(name for name in vars(hooks) if name.startswith("inpaint_"))
 DEFAULT_PLUGINS = (
     "worker.builtin.normalize",
     "worker.builtin.mask",
@@ -26,9 +27,13 @@ DEFAULT_PLUGINS = (
     "worker.builtin.progress",
     "worker.builtin.paste_back",
 )
-# built-ins a request cannot turn off: a job stops when cancelled and by its deadline (the deadline is what keeps
-# Redis from handing a running job to a second worker); an operator can still block them
-ALWAYS_ON = ("cancel", "deadline")
+# built-ins a request cannot turn off, and why (an operator can still block them)
+ALWAYS_ON = {
+    "cancel": "a cancelled job must stop",
+    "deadline": "every job must end by its deadline, before Redis hands it to a second worker",
+    "normalize": "the pipeline needs RGB inputs at a size the model takes",
+    "mask": "the pipeline needs the mask as grayscale at the image's size",
+}
 
 
 @dataclass
@@ -63,25 +68,38 @@ class Plugins:
             self.report.blocked.append(name)
             return
         try:
-            self.pm.register(importlib.import_module(module), name=name)
+            self._register(importlib.import_module(module), name)
         except Exception as error:  # a broken plugin never stops the worker
             self._skip(name, error)
+
+    def _register(self, plugin: Any, name: str) -> None:
+        """Register, then refuse what would silently never run: misspelled hooks and hook wrappers."""
+        self.pm.register(plugin, name=name)
+        callers = self.pm.get_hookcallers(plugin) or []
+        unknown = sorted(caller.name for caller in callers if not caller.has_spec())
+        wrappers = sorted(impl.function.__name__ for caller in callers for impl in caller.get_hookimpls()
+                          if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper))
+        if unknown or wrappers:
+            self.pm.unregister(plugin)
+            raise TypeError(f"unknown hooks {unknown} (the hooks: {HOOK_NAMES})" if unknown else
+                            f"hook wrappers are not supported ({wrappers}): implement the hook itself")
 
     def _load_entry_points(self) -> None:
         from importlib.metadata import entry_points
 
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(entry, "dist", None)
+            if self.pm.has_plugin(entry.name):  # the registered one keeps its name and listing
+                self._skip(entry.name, RuntimeError(f"a plugin of that name is already registered; "
+                                                    f"{dist.name if dist else '?'} cannot take it"))
+                continue
             self.report.origin[entry.name] = {"kind": "installed", "distribution": dist.name if dist else "?",
                                               "version": dist.version if dist else "?"}
             if entry.name in self.blocked:
                 self.report.blocked.append(entry.name)
                 continue
-            if self.pm.has_plugin(entry.name):
-                self._skip(entry.name, RuntimeError("a plugin of that name is already registered"))
-                continue
             try:
-                self.pm.register(entry.load(), name=entry.name)
+                self._register(entry.load(), entry.name)
             except Exception as error:
                 self._skip(entry.name, error)
 
@@ -94,8 +112,20 @@ class Plugins:
         if name in self.blocked:
             self.report.blocked.append(name)
             return
-        self.pm.register(plugin, name=name)
         self.report.origin.setdefault(name, {"kind": "registered", "distribution": "-", "version": "-"})
+        try:
+            self._register(plugin, name)
+        except Exception as error:
+            self._skip(name, error)
+
+    def pipeline_loaded(self, pipe: Any, settings: Any) -> None:
+        """`inpaint_pipeline_loaded`, plugin by plugin: one that raises is reported and skipped, the others run."""
+        for impl in in_order(self.pm.hook.inpaint_pipeline_loaded.get_hookimpls()):
+            try:
+                impl.function(**{arg: {"pipe": pipe, "settings": settings}[arg] for arg in impl.argnames})
+            except Exception as error:
+                self.pm.unregister(name=impl.plugin_name)
+                self._skip(impl.plugin_name, error)
 
     @property
     def names(self) -> list[str]:
@@ -125,24 +155,29 @@ class Plugins:
             if plugin is None:
                 raise InvalidRequest(f"plugins.{name}", f"no plugin of that name is active; active: {self.names}")
             if value is False and name in ALWAYS_ON:
-                raise InvalidRequest(f"plugins.{name}", f"cannot be turned off by a request ({', '.join(ALWAYS_ON)} "
-                                     "keep every job stoppable); give options instead, or none")
+                raise InvalidRequest(f"plugins.{name}", f"cannot be turned off by a request: {ALWAYS_ON[name]}; "
+                                     "give options instead, or none")
             model = getattr(plugin, "Options", None)
             if value is False or model is None:
                 validated[name] = value
                 continue
+            self._operator_defaults(name, model)  # a bad environment is the operator's error, not the request's
             try:
                 validated[name] = model.model_validate(value if isinstance(value, dict) else {})
             except Exception as error:  # pydantic's ValidationError
-                raise InvalidRequest(f"plugins.{name}", _first_line(error)) from None
+                raise InvalidRequest(_option_field(name, error), _first_line(error)) from None
         for name in self.names:
             model = getattr(self.pm.get_plugin(name), "Options", None)
             if name not in validated and model is not None:
-                try:
-                    validated[name] = model()
-                except Exception as error:  # the operator's configuration, not the request, is wrong
-                    raise PluginError(name, "Options", error) from None
+                validated[name] = self._operator_defaults(name, model)
         return validated
+
+    @staticmethod
+    def _operator_defaults(name: str, model: Any) -> Any:
+        try:
+            return model()
+        except Exception as error:  # the operator's configuration, not the request, is wrong
+            raise PluginError(name, "Options", error) from None
 
     def for_job(self, disabled: Iterable[str]) -> JobHooks:
         return JobHooks(self, [self.pm.get_plugin(n) for n in disabled if self.pm.get_plugin(n) is not None])
@@ -161,26 +196,34 @@ class JobHooks:
         self.removed = removed
 
     def _impls(self, name: str) -> list[Any]:
-        impls = getattr(self.plugins.pm.hook, name).get_hookimpls()
-        impls = [i for i in impls if i.plugin not in self.removed]
-        return sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1)
+        return in_order(i for i in getattr(self.plugins.pm.hook, name).get_hookimpls() if i.plugin not in self.removed)
 
-    def call(self, name: str, **kwargs: Any) -> list:
-        """Call every implementation; return what they returned, Nones left out."""
-        results = []
+    def call(self, name: str, **kwargs: Any) -> None:
+        """Call every implementation, in order; what they return is ignored."""
         for impl in self._impls(name):
-            returned = self._call_one(impl, name, kwargs)
-            if returned is not None:
-                results.append(returned)
-        return results
+            self._call_one(impl, name, kwargs)
 
-    def chain(self, name: str, key: str, value: Any, **kwargs: Any) -> Any:
-        """Call each implementation with `key=value`; a non-None return replaces the value for the next."""
+    def chain(self, name: str, key: str, value: Any, accept: Callable[[Any, Any], Any], **kwargs: Any) -> Any:
+        """Call each implementation with `key=value`; a non-None return, turned into the new value by
+        `accept(returned, value)` (a TypeError there says what was expected), is what the next one sees."""
         for impl in self._impls(name):
             returned = self._call_one(impl, name, {**kwargs, key: value})
             if returned is not None:
-                value = returned
+                try:
+                    value = accept(returned, value)
+                except TypeError as error:
+                    raise PluginError(impl.plugin_name, name, error) from None
         return value
+
+    def notify(self, name: str, **kwargs: Any) -> None:
+        """Call every implementation of a hook that tells of an outcome: one that raises is logged, naming its
+        plugin, and neither stops the others nor changes the outcome."""
+        for impl in self._impls(name):
+            try:
+                self._call_one(impl, name, kwargs)
+            except Exception:
+                log.exception("plugin %r raised in %s (logged only: the job's outcome stands)", impl.plugin_name,
+                              name)
 
     @staticmethod
     def _call_one(impl: Any, name: str, kwargs: dict[str, Any]) -> Any:
@@ -194,6 +237,11 @@ class JobHooks:
             raise PluginError(impl.plugin_name, name, error) from error
 
 
+def in_order(impls: Iterable[Any]) -> list[Any]:
+    """Registration order (pluggy lists implementations that way), `tryfirst` ones first, `trylast` ones last."""
+    return sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1)
+
+
 def _version(distribution: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -201,6 +249,13 @@ def _version(distribution: str) -> str:
         return version(distribution)
     except PackageNotFoundError:
         return "?"
+
+
+def _option_field(plugin: str, error: Exception) -> str:
+    """`plugins.<name>.<option>` for the first option pydantic names, else `plugins.<name>`."""
+    errors = getattr(error, "errors", None)
+    location = errors()[0]["loc"] if callable(errors) and errors() else ()
+    return ".".join(["plugins", plugin, *map(str, location[:1])])
 
 
 def _first_line(error: Exception) -> str:
