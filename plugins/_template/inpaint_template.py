@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict
 
 from worker.hooks import hookimpl
 
-NAME = "template"  # the entry-point name in pyproject.toml: what requests use in "plugins"
-log = logging.getLogger("inpaint_template")
+NAME = "template"  # rename: the entry-point name in pyproject.toml, which requests use in "plugins"
+log = logging.getLogger(__name__)  # the module's name: "inpaint_template" here
 
 
 class Options(BaseModel):
@@ -22,7 +22,7 @@ class Options(BaseModel):
 
 @hookimpl
 def inpaint_job_finished(job, result) -> None:
-    """Called after a job's outputs are written. Take only the keyword arguments you need."""
+    """Called after a job's outputs are written. Take only the keyword arguments you need (without defaults)."""
     options = job.options(NAME)
     if not isinstance(options, Options):  # a raw dict when a request passed `true`
         options = Options.model_validate(options or {})

@@ -8,7 +8,14 @@ watermark alpha-composited onto the crop, and the crop pasted back. Latent outpu
     INPAINT_WATERMARK_TEXT, INPAINT_WATERMARK_IMAGE (a local logo file), INPAINT_WATERMARK_POSITION,
     INPAINT_WATERMARK_OPACITY, INPAINT_WATERMARK_MARGIN, INPAINT_WATERMARK_SIZE
 
-A request can set `"plugins": {"watermark": {...}}` (see `Options`) or turn it off with `false`.
+A request can set `"plugins": {"watermark": {...}}` (see `Options`). The operator's watermark
+(INPAINT_WATERMARK_TEXT and/or INPAINT_WATERMARK_IMAGE set) is on every job: a request may move
+it (`position`, `margin`, `size`) or make it more opaque, and is refused (`invalid_request`) if it
+tries to change its text, drop its logo, lower its opacity, turn the plugin off or ask for latent
+outputs (which cannot carry it). Without an operator's watermark a request may do as it likes.
+
+The watermark is measured before it is drawn and drawn at the size that fits the image, so
+its memory is bounded by the image's size whatever the text and `size` ask for.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import threading
 from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from worker.errors import InvalidRequest
 from worker.hooks import hookimpl
 
 NAME = "watermark"
@@ -64,6 +72,31 @@ def _default_position() -> str:
     return raw
 
 
+def operator_text() -> str | None:
+    """INPAINT_WATERMARK_TEXT, the text every job carries; None when unset or blank."""
+    return _env(ENV_TEXT)
+
+
+def operator_logo() -> bool:
+    """Whether INPAINT_WATERMARK_IMAGE names a logo that every job carries."""
+    return _env(ENV_IMAGE) is not None
+
+
+def operator_watermark() -> bool:
+    """Whether the operator configured a watermark that every job must carry."""
+    return operator_text() is not None or operator_logo()
+
+
+def request_may_disable() -> bool:
+    """Whether a request may turn this plugin off (`"plugins": {"watermark": false}`): only when the
+    operator configured no watermark. Read by the worker's option check."""
+    return not operator_watermark()
+
+
+def _default_opacity() -> float:
+    return _env_number(ENV_OPACITY, 0.5, float, 0.0, 1.0)
+
+
 def _default_size() -> float | None:
     if _env(ENV_SIZE) is None:
         return None
@@ -89,7 +122,7 @@ class Options(BaseModel):
     position: Position = Field(default_factory=_default_position, description="default INPAINT_WATERMARK_POSITION "
                                "or bottom-right")
     opacity: float = Field(
-        default_factory=lambda: _env_number(ENV_OPACITY, 0.5, float, 0.0, 1.0), ge=0, le=1,
+        default_factory=_default_opacity, ge=0, le=1,
         description="0 (invisible) to 1 (opaque); default INPAINT_WATERMARK_OPACITY or 0.5",
     )
     margin: int = Field(
@@ -101,6 +134,34 @@ class Options(BaseModel):
         description="Logo width as a fraction of the image width (default 0.2); text height as a fraction of the "
         "image height (default 0.05, at least 10 px); default INPAINT_WATERMARK_SIZE",
     )
+
+    @field_validator("text")
+    @classmethod
+    def _operator_text_stays(cls, value: str | None) -> str | None:
+        required = operator_text()
+        if required is not None and (value is None or value.strip() != required):
+            raise ValueError(f"{ENV_TEXT} is set on this worker: every job carries the operator's watermark text, "
+                             "and a request cannot change or remove it (position, margin and size may change)")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _operator_logo_stays(cls, value: bool) -> bool:
+        if operator_logo() and not value:
+            raise ValueError(f"{ENV_IMAGE} is set on this worker: every job carries the operator's logo, and a "
+                             "request cannot turn it off (position, margin and size may change)")
+        return value
+
+    @field_validator("opacity")
+    @classmethod
+    def _operator_opacity_floor(cls, value: float) -> float:
+        if operator_watermark():
+            floor = _default_opacity()
+            if value < floor:
+                raise ValueError(f"{value} is below {floor:g}, the operator's opacity: this worker watermarks every "
+                                 f"job ({ENV_TEXT} or {ENV_IMAGE} is set), and a request may make it more opaque, "
+                                 "not less")
+        return value
 
     @model_validator(mode="after")
     def _logo_available(self) -> Options:
@@ -143,10 +204,39 @@ def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def _stroke(font_px: int) -> int:
+    return max(1, font_px // 16)
+
+
+def measure_text(text: str, font_px: int) -> tuple[int, int]:
+    """(width, height) the text takes at `font_px`, outline included: measured, nothing drawn."""
+    font = load_font(font_px)
+    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), text, font=font, stroke_width=_stroke(font_px))
+    return max(1, right - left), max(1, bottom - top)
+
+
+def fit_font(text: str, font_px: int, max_width: int, max_height: int) -> int:
+    """The largest font size up to `font_px` at which the text fits `max_width` x `max_height`, found by
+    measuring (text grows about linearly with the font size); 1 if none fits (the bitmap font has one size)."""
+    for _ in range(8):
+        width, height = measure_text(text, font_px)
+        if (width <= max_width and height <= max_height) or font_px <= 1:
+            return font_px
+        font_px = max(1, min(font_px - 1, int(font_px * min(max_width / width, max_height / height))))
+    while font_px > 1 and any(a > b for a, b in zip(measure_text(text, font_px), (max_width, max_height),
+                                                    strict=True)):
+        font_px -= 1
+    return font_px
+
+
 def render_text(text: str, height_px: int) -> Image.Image:
-    """White text with a thin dark outline (readable on any background), on a transparent tile."""
+    """White text with a thin dark outline (readable on any background), on a transparent tile.
+
+    The tile is as large as the text at `height_px`: callers pick the size with `fit_font` first.
+    """
     font = load_font(height_px)
-    stroke = max(1, height_px // 16)
+    stroke = _stroke(height_px)
     probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
     left, top, right, bottom = probe.textbbox((0, 0), text, font=font, stroke_width=stroke)
     tile = Image.new("RGBA", (max(1, right - left), max(1, bottom - top)), (0, 0, 0, 0))
@@ -156,31 +246,45 @@ def render_text(text: str, height_px: int) -> Image.Image:
 
 
 def render_mark(image_size: tuple[int, int], options: Options) -> Image.Image | None:
-    """The watermark tile (RGBA, opacity applied), sized for an image of `image_size`; None if there is none."""
+    """The watermark tile (RGBA, opacity applied), sized for an image of `image_size`; None if there is none.
+
+    The layout is measured first (the logo's scaled size, the text's bounding box) and scaled to
+    fit the image less its margins; only then is anything drawn, at that size. No intermediate
+    image is larger than the image itself, whatever the text or `size` ask for.
+    """
     width, height = image_size
-    parts = []
+    margin = effective_margin(image_size, options.margin)
+    room_w, room_h = max(1, width - 2 * margin), max(1, height - 2 * margin)
+    logo, logo_w, logo_h = None, 0.0, 0.0
     if options.image:
         logo = load_logo(_env(ENV_IMAGE) or "")
-        logo_w = max(1, round((options.size or LOGO_SIZE) * width))
-        logo_h = max(1, round(logo.height * logo_w / logo.width))
-        parts.append(logo.resize((logo_w, logo_h), Image.Resampling.LANCZOS))
+        logo_w = max(1.0, (options.size or LOGO_SIZE) * width)
+        logo_h = max(1.0, logo.height * logo_w / logo.width)
+    text_px, text_w, text_h = 0, 0, 0
     if options.text is not None:
-        text_h = max(MIN_TEXT_PX, round((options.size or TEXT_SIZE) * height))
-        parts.append(render_text(options.text, text_h))
-    if not parts:
+        text_px = max(MIN_TEXT_PX, round((options.size or TEXT_SIZE) * height))
+        text_w, text_h = measure_text(options.text, text_px)
+    if logo is None and not text_px:
         return None
-    gap = max(2, height // 100) if len(parts) > 1 else 0
+    gap = max(2, height // 100) if logo is not None and text_px else 0
+    scale = min(1.0, room_w / max(logo_w, text_w), room_h / (logo_h + gap + text_h))  # never bigger than the room
+    parts = []
+    if logo is not None:
+        size = (max(1, min(room_w, int(logo_w * scale))), max(1, min(room_h, int(logo_h * scale))))
+        parts.append(logo.resize(size, Image.Resampling.LANCZOS))
+    gap = int(gap * scale)
+    if text_px:
+        left_h = max(1, room_h - sum(part.height for part in parts) - gap)
+        font_px = fit_font(options.text, max(1, int(text_px * scale)), room_w, left_h)
+        parts.append(render_text(options.text, font_px))
     tile = Image.new("RGBA", (max(p.width for p in parts), sum(p.height for p in parts) + gap), (0, 0, 0, 0))
     y = 0
     for part in parts:  # logo above text, centred
         tile.alpha_composite(part, ((tile.width - part.width) // 2, y))
         y += part.height + gap
-    margin = effective_margin(image_size, options.margin)
-    room_w, room_h = max(1, width - 2 * margin), max(1, height - 2 * margin)
-    if tile.width > room_w or tile.height > room_h:  # never bigger than the image
-        scale = min(room_w / tile.width, room_h / tile.height)
-        tile = tile.resize((max(1, int(tile.width * scale)), max(1, int(tile.height * scale))),
-                           Image.Resampling.LANCZOS)
+    if tile.width > room_w or tile.height > room_h:  # rounding, or the bitmap font's one size: shrink the rest
+        fit = min(room_w / tile.width, room_h / tile.height)
+        tile = tile.resize((max(1, int(tile.width * fit)), max(1, int(tile.height * fit))), Image.Resampling.LANCZOS)
     if options.opacity < 1:
         alpha = tile.getchannel("A").point(lambda a: round(a * options.opacity))
         tile.putalpha(alpha)
@@ -227,6 +331,14 @@ def job_options(job) -> Options:
     if isinstance(options, Options):
         return options
     return Options.model_validate(options if isinstance(options, dict) else {})
+
+
+@hookimpl
+def inpaint_preprocess(job) -> None:
+    """Before any GPU time: latent outputs cannot carry a watermark, so refuse them when the operator's is on."""
+    if operator_watermark() and job.request.output_type == "latent" and job_options(job).active:
+        raise InvalidRequest("output_type", f"latent outputs cannot carry a watermark, and this worker watermarks "
+                             f"every job ({ENV_TEXT} or {ENV_IMAGE} is set); ask for png, jpeg or webp")
 
 
 @hookimpl

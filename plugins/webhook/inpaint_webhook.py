@@ -7,8 +7,9 @@ thread: the job never waits for it, never fails because of it, and the process w
 pending deliveries when it exits. Non-2xx answers and connection errors are retried with
 exponential backoff; redirects are never followed (they could leave the allow-list).
 
-Environment: INPAINT_WEBHOOK_ALLOW, INPAINT_WEBHOOK_SECRET, INPAINT_WEBHOOK_ATTEMPTS,
-INPAINT_WEBHOOK_BACKOFF_S, INPAINT_WEBHOOK_TIMEOUT_S (see README.md).
+Environment: INPAINT_WEBHOOK_ALLOW, INPAINT_WEBHOOK_SECRET, INPAINT_WEBHOOK_ATTEMPTS (1-10),
+INPAINT_WEBHOOK_BACKOFF_S (0-30), INPAINT_WEBHOOK_TIMEOUT_S (0.001-30) (see README.md). The numbers
+are checked when the plugin loads: one out of bounds fails the load with an error naming it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ log = logging.getLogger("inpaint_webhook")
 _deliveries: list[threading.Thread] = []  # threads started and maybe still running; tests join them
 _lock = threading.Lock()
 _warned_unsigned = False
+
+
+def check_settings() -> Settings:
+    """Validate the operator's delivery settings now (the plugin calls it when it loads): a bad one is a
+    ValueError naming its variable, so the worker reports the plugin as failed instead of retrying without end."""
+    return Settings.from_env()
 
 
 def allowed_hosts() -> set[str]:
@@ -110,36 +117,59 @@ class Options(BaseModel):
         return None if value is None else check_url(value)
 
 
+# Bounds of the operator's numbers: a delivery that keeps failing ends within
+# attempts x timeout + the waits between attempts (each at most MAX_WAIT_S): 10 x 30 + 9 x 60 = 840 s at worst.
+ATTEMPTS_RANGE = (1, 10)
+BACKOFF_RANGE_S = (0.0, 30.0)
+TIMEOUT_RANGE_S = (0.001, 30.0)
+MAX_WAIT_S = 60.0
+
+
 @dataclass(frozen=True)
 class Settings:
+    """Delivery settings, each bounded (a ValueError names the variable of one out of bounds)."""
+
     attempts: int = 4
     backoff_s: float = 0.5
     timeout_s: float = 5.0
     secret: bytes | None = field(default=None, repr=False)  # never in logs
 
+    def __post_init__(self) -> None:
+        for name, value, (low, high) in ((ENV_ATTEMPTS, self.attempts, ATTEMPTS_RANGE),
+                                         (ENV_BACKOFF, self.backoff_s, BACKOFF_RANGE_S),
+                                         (ENV_TIMEOUT, self.timeout_s, TIMEOUT_RANGE_S)):
+            if not low <= value <= high:  # NaN fails too
+                raise ValueError(f"{name}={value!r} is out of bounds: it must be between {low:g} and {high:g}")
+
     @classmethod
     def from_env(cls) -> Settings:
+        """The settings from the environment; a ValueError naming the variable if one is not a number in bounds."""
         secret = os.environ.get(ENV_SECRET) or None
         return cls(
-            attempts=int(_env_number(ENV_ATTEMPTS, cls.attempts, int, 1)),
-            backoff_s=_env_number(ENV_BACKOFF, cls.backoff_s, float, 0.0),
-            timeout_s=_env_number(ENV_TIMEOUT, cls.timeout_s, float, 0.001),
+            attempts=int(_env_number(ENV_ATTEMPTS, cls.attempts, int, ATTEMPTS_RANGE)),
+            backoff_s=_env_number(ENV_BACKOFF, cls.backoff_s, float, BACKOFF_RANGE_S),
+            timeout_s=_env_number(ENV_TIMEOUT, cls.timeout_s, float, TIMEOUT_RANGE_S),
             secret=secret.encode() if secret else None,
         )
 
+    def wait_s(self, attempt: int) -> float:
+        """The wait after failed attempt `attempt` (1, 2, ...): the backoff doubling each time, at most MAX_WAIT_S."""
+        return min(MAX_WAIT_S, self.backoff_s * 2.0 ** min(attempt - 1, 64))
 
-def _env_number(name: str, default: float, cast: type, low: float) -> float:
+
+def _env_number(name: str, default: float, cast: type, bounds: tuple[float, float]) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
+    low, high = bounds
     try:
         value = cast(raw)
-        if value >= low and value != float("inf"):
-            return value
     except ValueError:
-        pass
-    log.warning("%s=%r is not a valid value (%s >= %s); using %s", name, raw, cast.__name__, low, default)
-    return default
+        value = None
+    if value is None or not low <= value <= high:  # NaN fails too
+        kind = "a whole number" if cast is int else "a number"
+        raise ValueError(f"{name}={raw!r} is not valid: it must be {kind} between {low:g} and {high:g}")
+    return value
 
 
 def sign(secret: bytes | str, timestamp: int | str, body: bytes) -> str:
@@ -232,7 +262,7 @@ def deliver(url: str, payload: dict[str, Any], settings: Settings, job_id: str =
         except Exception as error:  # never let anything escape the delivery thread
             problem = f"{type(error).__name__}: {error}"
         if attempt < settings.attempts:
-            delay = settings.backoff_s * 2 ** (attempt - 1)
+            delay = settings.wait_s(attempt)
             log.debug("webhook for job %s to %s: %s; attempt %d of %d, retrying in %.2f s", job_id, redact(url),
                       problem, attempt, settings.attempts, delay)
             time.sleep(delay)
@@ -296,3 +326,6 @@ def inpaint_job_finished(job: Any, result: Any) -> None:
 @hookimpl
 def inpaint_job_failed(job: Any, error: Any) -> None:
     _notify(job, "failed", lambda: summary(job.id, "FAILURE", error=error))
+
+
+check_settings()  # when the plugin loads: a bad INPAINT_WEBHOOK_ATTEMPTS, _BACKOFF_S or _TIMEOUT_S fails the load

@@ -3,16 +3,21 @@
 Opt-in (it changes the result: the model sees less context), per job with
 `"plugins": {"auto_crop": {"enabled": true}}` or per worker with `INPAINT_AUTO_CROP=1`. It sets
 `padding_mask_crop` and a processing size that fits the region, so the pipeline works on the
-crop and pastes it back into the full image; pixels outside the crop are the input's.
+crop and pastes it back into the full image; pixels outside the crop are the input's. The
+processing size keeps to the worker's pixel budget (`INPAINT_MAX_PIXELS`) the way the whole
+image's default size does: a region larger than the budget is processed scaled down.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..hooks import hookimpl
+
+log = logging.getLogger(__name__)
 
 
 class Options(BaseModel):
@@ -42,4 +47,9 @@ def inpaint_preprocess(job) -> None:
     width, height = crop_size(box, job.image.size, options.margin, job.limits.size_factor)
     if width * height > options.max_fraction * job.image.width * job.image.height:
         return
+    fitted = job.limits.default_size(width, height)  # within the pixel budget, rounded to the size factor
+    if fitted != (width, height):
+        log.info("auto_crop: the %dx%d region is over the pixel budget of %d; processing it at %dx%d", width, height,
+                 job.limits.max_pixels, *fitted)
+    width, height = fitted
     job.params.update(padding_mask_crop=options.margin, width=width, height=height)

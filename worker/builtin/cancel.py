@@ -1,7 +1,8 @@
 """Cancellation: a running job stops at the next denoising step once a cancel was requested.
 
 Cooperative by design: Celery's revoke does not stop a running task in any pool, and
-diffusers' `_interrupt` still decodes. Raising here ends the job before anything is written.
+diffusers' `_interrupt` still decodes. Raising here ends the job before its images and `result.json`
+are written (previews stored at earlier steps stay where they are).
 """
 
 from __future__ import annotations
@@ -13,4 +14,4 @@ from ..hooks import hookimpl
 @hookimpl(tryfirst=True)
 def inpaint_step_end(job, step: int, total_steps: int) -> None:
     if job.cancel_requested():
-        raise Cancelled(f"cancelled at step {step} of {total_steps}; nothing was written")
+        raise Cancelled(f"cancelled at step {step} of {total_steps}; no result was written")

@@ -1,4 +1,7 @@
-"""The deadline: a job past `deadline_s` (or the worker's cap) stops at the next denoising step."""
+"""The deadline: a job past `deadline_s` (or the worker's cap) stops at the next denoising step.
+
+It ends before the images and `result.json` are written; previews from earlier steps stay.
+"""
 
 from __future__ import annotations
 
@@ -11,4 +14,5 @@ from ..hooks import hookimpl
 @hookimpl(tryfirst=True)
 def inpaint_step_end(job) -> None:
     if time.monotonic() > job.deadline:
-        raise DeadlineExceeded(f"the job passed its deadline of {job.deadline_s:g} s during denoising")
+        raise DeadlineExceeded(f"the job passed its deadline of {job.deadline_s:g} s during denoising; no result "
+                               "was written")

@@ -1,9 +1,13 @@
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 
 import inpaint_webhook as webhook
@@ -215,7 +219,7 @@ def test_refusal_becomes_invalid_request_naming_the_plugin():
     plugins.register(webhook, name="webhook")
     with pytest.raises(InvalidRequest) as raised:
         plugins.check_options({"webhook": {"url": "https://evil.example/hook"}})
-    assert raised.value.field == "plugins.webhook" and "INPAINT_WEBHOOK_ALLOW" in raised.value.message
+    assert raised.value.field == "plugins.webhook.url" and "INPAINT_WEBHOOK_ALLOW" in raised.value.message
 
 
 def test_events_filter(server):
@@ -274,11 +278,46 @@ def test_a_broken_job_object_never_raises(caplog):
     assert "not sent" in caplog.text
 
 
-def test_bad_numbers_in_the_environment_fall_back(monkeypatch):
-    monkeypatch.setenv(webhook.ENV_ATTEMPTS, "0")
-    monkeypatch.setenv(webhook.ENV_BACKOFF, "soon")
-    monkeypatch.setenv(webhook.ENV_TIMEOUT, "-1")
+@pytest.mark.parametrize(("name", "value"), [
+    (webhook.ENV_ATTEMPTS, "0"), (webhook.ENV_ATTEMPTS, "11"), (webhook.ENV_ATTEMPTS, "1000000"),
+    (webhook.ENV_ATTEMPTS, "many"), (webhook.ENV_BACKOFF, "-1"), (webhook.ENV_BACKOFF, "31"),
+    (webhook.ENV_BACKOFF, "1e9"), (webhook.ENV_BACKOFF, "inf"), (webhook.ENV_BACKOFF, "nan"),
+    (webhook.ENV_BACKOFF, "soon"), (webhook.ENV_TIMEOUT, "0"), (webhook.ENV_TIMEOUT, "-1"),
+    (webhook.ENV_TIMEOUT, "3600"),
+])
+def test_numbers_out_of_bounds_are_refused_naming_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"^{name}=.*between"):
+        webhook.Settings.from_env()
+
+
+def test_numbers_within_bounds_are_taken(monkeypatch):
+    monkeypatch.setenv(webhook.ENV_ATTEMPTS, "10")
+    monkeypatch.setenv(webhook.ENV_BACKOFF, "30")
+    monkeypatch.setenv(webhook.ENV_TIMEOUT, "0.5")
     settings = webhook.Settings.from_env()
-    assert (settings.attempts, settings.backoff_s, settings.timeout_s) == (4, 0.5, 5.0)
+    assert (settings.attempts, settings.backoff_s, settings.timeout_s) == (10, 30.0, 0.5)
     assert settings.secret == SECRET.encode()
     assert SECRET not in repr(settings) and SECRET not in str(settings)
+    # each wait doubles, and none is over a minute: a delivery that keeps failing ends within 10 x 30 + 9 x 60 s
+    assert [settings.wait_s(n) for n in range(1, 10)] == [30, 60, 60, 60, 60, 60, 60, 60, 60]
+    assert [webhook.Settings().wait_s(n) for n in range(1, 4)] == [0.5, 1, 2]
+    with pytest.raises(ValueError, match=webhook.ENV_ATTEMPTS):
+        webhook.Settings(attempts=1000)
+
+
+def test_a_bad_number_fails_the_plugin_when_it_loads():
+    env = {**os.environ, webhook.ENV_ATTEMPTS: "1000"}
+    loaded = subprocess.run([sys.executable, "-c", "import inpaint_webhook"], cwd=Path(webhook.__file__).parent,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert loaded.returncode != 0
+    assert "ValueError: INPAINT_WEBHOOK_ATTEMPTS='1000' is not valid: it must be a whole number between 1 and 10" \
+        in loaded.stderr
+
+
+def test_a_bad_number_set_after_loading_is_logged_and_nothing_is_sent(server, monkeypatch, caplog):
+    monkeypatch.setenv(webhook.ENV_BACKOFF, "86400")
+    inpaint_job_finished(job=make_job(Options(url=server.url)), result=make_result())  # never raises
+    delivered()
+    assert server.requests == []
+    assert "not sent" in caplog.text and webhook.ENV_BACKOFF in caplog.text
