@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -117,3 +119,96 @@ def test_an_installed_plugin_is_found_by_entry_point_and_pipeline_loaded_runs_on
     assert np.array_equal(outputs[""], outputs["flip"][:, ::-1])
     listed = {row["name"]: row for row in json.loads(cli("plugins", "--json", env=env).stdout)}
     assert listed["flip"]["hooks"] == ["inpaint_pipeline_loaded", "inpaint_postprocess"]
+
+
+# --- submit and up, as a shell user meets them -------------------------------------------------------------------
+
+def submit_env(stack, **extra: str) -> dict:
+    return {**os.environ, **stack.env(), **extra}
+
+
+def test_submit_sends_a_request_file_with_data_urls_as_they_are(stack, worker, tmp_path):
+    from support import data_url
+
+    request = {"prompt": "a pear", "image": data_url(photo(seed=5)), "mask_image": data_url(box_mask()),
+               "num_inference_steps": 2, "seed": 3}
+    (tmp_path / "job.json").write_text(json.dumps(request))
+    done = cli("submit", "--request", str(tmp_path / "job.json"), "--quiet", "--timeout", "120",
+               env=submit_env(stack))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state"] == "SUCCESS"
+    assert "Traceback" not in done.stderr and "base64" not in done.stderr
+
+
+def test_submit_refuses_a_local_file_that_does_not_exist_before_sending(stack, client, tmp_path):
+    from worker.app import submitted_key
+
+    box_mask().save(tmp_path / "mask.png")
+    job_id = f"typo-{time.monotonic_ns()}"
+    done = cli("submit", "--image", str(tmp_path / "phtoo.png"), "--mask", str(tmp_path / "mask.png"),
+               "--prompt", "x", "--job-id", job_id, env=submit_env(stack))
+    assert done.returncode == 2, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["field"] == "image" and "no such file" in error["message"] and "phtoo.png" in error["message"]
+    assert not client.redis.exists(submitted_key(job_id))  # nothing was enqueued
+    assert client.status(job_id).state == "PENDING"
+
+
+def test_submit_timeout_says_the_job_goes_on_and_exits_3(stack, client, worker, tmp_path):
+    photo().save(tmp_path / "image.png")
+    box_mask().save(tmp_path / "mask.png")
+    job_id = f"slow-{time.monotonic_ns()}"
+    done = cli("submit", "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
+               "--prompt", "x", "--job-id", job_id, "--timeout", "1", "--quiet",
+               "--set", "num_inference_steps=40", "--set", "strength=1.0",
+               "--set", 'plugins={"testkit": {"step_s": 0.15}}', env=submit_env(stack))
+    try:
+        assert done.returncode == 3, (done.returncode, done.stderr)
+        assert re.search(r"timed out after 1 s; the job goes on \(state (PENDING|STARTED|PROGRESS)", done.stderr), \
+            done.stderr
+        assert not client.status(job_id).done
+    finally:
+        client.cancel(job_id)
+        client.wait(job_id, timeout=60)
+    assert re.search(r"exit\s+3", cli("submit", "--help").stdout)
+
+
+def test_submit_with_redis_down_is_one_line_without_the_password():
+    from worker.stack import free_port
+
+    port = free_port()
+    started = time.monotonic()
+    done = cli("submit", "--image", "s3://inputs/a.png", "--mask", "s3://inputs/b.png", "--prompt", "x",
+               env={**os.environ, "INPAINT_BROKER_URL": f"redis://:pw-Zq9@127.0.0.1:{port}/0"})
+    assert time.monotonic() - started < 30  # the interpreter's start included; it hung for minutes
+    assert done.returncode == 1
+    assert f"cannot reach Redis at redis://127.0.0.1:{port}/0" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "pw-Zq9" not in done.stderr
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable_never_its_value():
+    for command in (["plugins"], ["submit", "--image", "s3://i/a.png", "--mask", "s3://i/b.png", "--prompt", "x"]):
+        done = cli(*command, env={**os.environ, "INPAINT_MAX_STEPS": "secret-Zq9"})
+        assert done.returncode == 2, done.stderr
+        assert "INPAINT_MAX_STEPS" in done.stderr and "integer" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "Zq9" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_run_with_a_model_that_does_not_exist_is_one_line(tmp_path):
+    photo().save(tmp_path / "image.png")
+    box_mask().save(tmp_path / "mask.png")
+    done = cli("run", "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"), "--prompt", "x",
+               "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model"))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert f"{tmp_path / 'no-such-model'} does not exist" in done.stderr, done.stderr
+
+
+def test_up_demo_with_a_missing_input_stops_before_starting_anything(tmp_path):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "up", "--demo", "--image", "photo.png"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # outside the checkout
+    assert done.returncode == 2, done.stderr
+    assert "--image photo.png: no such file" in done.stderr
+    assert "redis" not in done.stderr and time.monotonic() - started < 30  # no stack was started

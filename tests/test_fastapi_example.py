@@ -147,3 +147,37 @@ def test_importing_the_app_imports_no_torch_and_connects_to_nothing():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def dead_client():
+    from worker.client import InpaintClient
+    from worker.settings import Settings
+    from worker.stack import free_port
+
+    return InpaintClient.from_settings(Settings(broker_url=f"redis://:pw-Zq9@127.0.0.1:{free_port()}/0"))
+
+
+def test_redis_down_is_a_503_within_seconds_not_a_hang():
+    with TestClient(create_app(dead_client())) as down:
+        for method, path in (("GET", "/jobs/order-1"), ("DELETE", "/jobs/order-1"), ("POST", "/jobs")):
+            started = time.monotonic()
+            response = down.request(method, path, json={"prompt": "x", "image": "s3://inputs/a.png",
+                                                        "mask_image": "s3://inputs/b.png"})
+            assert time.monotonic() - started < 15, (method, path)
+            assert response.status_code == 503, (method, path, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "unavailable" and "cannot reach Redis" in error["message"]
+            assert "pw-Zq9" not in response.text
+        events = sse(down.get("/jobs/order-1/events", params={"timeout": 5}).text)
+        assert [name for name, _ in events] == ["error"] and events[0][1]["code"] == "unavailable"
+
+
+def test_an_idempotency_key_with_a_trailing_newline_is_refused():
+    from examples.fastapi_backend.app import submit_job
+
+    # HTTP clients refuse a newline in a header, so the handler is called as code that reuses it would call it;
+    # the dead client shows nothing is sent (reaching Redis would answer 503)
+    response = submit_job({"prompt": "x", "image": "s3://inputs/a.png", "mask_image": "s3://inputs/b.png"},
+                          dead_client(), idempotency_key="order-1\n")
+    assert response.status_code == 422
+    assert json.loads(response.body)["error"]["field"] == "Idempotency-Key"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from support import box_mask, photo, upload
 
 from worker.settings import Settings
@@ -93,3 +95,19 @@ def test_text_log_lines_carry_the_job_id():
     first, second = stream.getvalue().splitlines()
     assert first.endswith("INFO worker.test: [job job-42] fetched 2 inputs")
     assert second.endswith("WARNING worker.test: idle, waiting")
+
+
+def test_a_stack_whose_s3_cannot_start_stops_its_redis_and_shows_the_s3_log(tmp_path):
+    from worker.stack import LocalStack
+
+    stack = LocalStack(tmp_path / "stack")
+    with socket.socket() as taken:  # another program on S3's port: moto exits at once
+        taken.bind(("127.0.0.1", stack.s3.port))
+        taken.listen()
+        with pytest.raises(RuntimeError) as caught:
+            stack.start()
+    message = str(caught.value)
+    assert str(tmp_path / "stack" / "s3" / "s3.log") in message
+    assert "in use" in message  # the log's last lines: moto's own reason
+    assert stack.redis.process.poll() is not None, "redis-server was left running"
+    assert stack.s3.process.poll() is not None

@@ -158,7 +158,7 @@ def test_a_pickled_message_is_refused_unexecuted_and_the_worker_keeps_serving(st
      "deadline"),
     ({"plugins": {"testkit": {"oom": True}}}, "out_of_memory", "out of memory"),
     ({"plugins": {"testkit": {"raise": "kaboom"}}}, "plugin_error", "'testkit'"),
-    ({"plugins": {"testkit": {"drop_images": True}}}, "internal", "returned 0 images"),
+    ({"plugins": {"testkit": {"drop_images": True}}}, "plugin_error", "returned a list of 0"),
     ({"output": {"bucket": "elsewhere"}}, "invalid_request", "writes only to"),
 ])
 def test_each_failure_code(stack, client, worker, fields, code, words):
@@ -224,3 +224,63 @@ def test_previews_show_in_the_progress_meta_and_are_images_in_s3(stack, client, 
             assert preview.format == "JPEG" and preview.size[0] == 256
     keys = [key for key in objects(stack, job_id) if "/previews/" in key]
     assert [key.rsplit("/", 1)[1] for key in sorted(keys)] == ["0-0003.jpg", "0-0006.jpg", "0-0009.jpg", "0-0012.jpg"]
+
+
+def test_the_task_state_keeps_no_copy_of_the_request(stack, client, worker):
+    import json
+
+    inline = data_url(photo(seed=3))
+    job_id = client.submit(request(stack, image=inline))
+    assert client.wait(job_id, timeout=60).state == "SUCCESS"
+    stored = client.app.backend.client.get(f"celery-task-meta-{job_id}").decode()
+    assert not {"name", "args", "kwargs"} & set(json.loads(stored)), sorted(json.loads(stored))
+    assert inline.split(",", 1)[1][:200] not in stored  # the image itself is not kept for result_expires_s
+
+
+def test_task_events_show_a_redacted_summary_of_the_request(stack, client, worker):
+    """What Flower shows of a job (the task-sent and task-received events) holds no data: URL or secret."""
+    import threading
+
+    inline, token = data_url(photo(seed=4)), "tok-Zq9-never-shown"
+    fields = request(stack, image=inline, plugins={"testkit": {"api_token": token}})
+    seen: dict[str, dict] = {}
+    job_id = None
+
+    def on_event(event: dict) -> None:
+        if job_id is not None and event.get("uuid") == job_id and event["type"] in ("task-sent", "task-received"):
+            seen[event["type"]] = event
+
+    with client.app.connection_for_read() as connection:
+        receiver = client.app.events.Receiver(connection, handlers={"*": on_event})
+        stop = threading.Timer(30, lambda: setattr(receiver, "should_stop", True))  # bounds the capture
+        stop.start()
+        try:
+            # the first event (a heartbeat the wakeup asks for) shows the receiver listens: submit then
+            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.5, wakeup=True):
+                if job_id is None:
+                    job_id = client.submit(fields)
+                if len(seen) == 2:
+                    break
+        finally:
+            stop.cancel()
+    assert set(seen) == {"task-sent", "task-received"}, seen
+    for event in seen.values():
+        shown = event["kwargs"]
+        assert inline.split(",", 1)[1][:100] not in shown and token not in shown, shown
+        assert f"data:image/png;base64,... ({len(inline)} characters)" in shown and "<redacted>" in shown
+        assert "a red apple" in shown and len(shown) <= 1024
+    assert client.wait(job_id, timeout=60).state == "SUCCESS"
+
+
+def test_a_cancel_of_an_id_never_submitted_does_not_cancel_it_when_it_is_submitted_later(stack, client, worker):
+    job_id = f"later-{time.monotonic_ns()}"
+    client.cancel(job_id)  # before anyone submitted it: nothing to cancel
+    assert client.submit(request(stack), job_id=job_id) == job_id
+    status = client.wait(job_id, timeout=60)
+    assert status.state == "SUCCESS", status.error
+    # a job sent with plain send_task has no claim: a cancel set for its id still stops it before it starts
+    plain = f"plain-{time.monotonic_ns()}"
+    client.cancel(plain)
+    client.app.send_task("inpaint", kwargs={"request": request(stack)}, task_id=plain)
+    status = client.wait(plain, timeout=60)
+    assert status.state == "FAILURE" and status.error["code"] == "cancelled", status

@@ -10,9 +10,17 @@ from .settings import Settings, get_settings
 
 TASK_NAME = "inpaint"
 UNACKED_MUTEX_EXPIRE_S = 30
+CONNECT_TIMEOUT_S = 5.0  # bounds a connect to a Redis host that does not answer (workers and clients)
+CLIENT_SOCKET_TIMEOUT_S = 15.0  # bounds a client's wait for one Redis reply (Celery's default: 120 s)
+CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.5}
 
 
-def make_app(settings: Settings) -> Celery:
+def make_app(settings: Settings, client: bool = False) -> Celery:
+    """The app workers run (`client=False`), or one for web backends that fails fast when Redis is away.
+
+    A worker keeps trying to store an outcome through a Redis restart (a job's result must not be
+    lost); a client that did the same would hang a web request for minutes (`status` took 95 s).
+    """
     # the task module (which needs torch) is imported by workers only, never by clients
     app = Celery("inpaint_worker", broker=settings.broker_url, backend=settings.backend_url, include=["worker.tasks"])
     app.conf.update(
@@ -29,8 +37,9 @@ def make_app(settings: Settings) -> Celery:
         task_track_started=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
+        # not result_extended: it would keep the whole request (megabytes of data: URLs, signed URLs, webhook
+        # tokens) in the task state for result_expires_s, and send it again with every status poll
         result_expires=settings.result_expires_s,
-        result_extended=True,
         task_default_queue=settings.queue,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
@@ -41,13 +50,24 @@ def make_app(settings: Settings) -> Celery:
             # a worker killed during a sweep leaves its lock behind: kombu's default (300 s) would hold back every
             # redelivery that long; a sweep takes milliseconds, and two at once cannot deliver a job twice
             "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+            # a host that drops packets would otherwise hold a connect for the kernel's ~2 minutes of SYN retries
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
         },
+        redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # a Redis restart during a job must not lose its outcome: keep trying to store it
-        result_backend_always_retry=True,
+        result_backend_always_retry=not client,
         result_backend_max_retries=30,
         worker_hijack_root_logger=False,
     )
+    if client:
+        app.conf.update(
+            # a lost connection while waiting on a job's pub/sub channel: a few quick tries, then an error
+            result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                              "retry_policy": CLIENT_RETRY_POLICY},
+            task_publish_retry_policy=CLIENT_RETRY_POLICY,
+            redis_socket_timeout=CLIENT_SOCKET_TIMEOUT_S,
+        )
     return app
 
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequest, JobError
+
+# exit statuses (submit documents them in its --help)
+EXIT_FAILED = 1  # the job failed, or what it needs (Redis, the model) could not be reached or loaded
+EXIT_INVALID = 2  # a bad request, flag or INPAINT_* setting (argparse uses 2 for usage errors too)
+EXIT_TIMED_OUT = 3  # submit --timeout passed; the job goes on
+URL = re.compile(r"^(data:|[A-Za-z][A-Za-z0-9+.-]*://)")  # anything else is a local path
+SAMPLES = Path(__file__).resolve().parent.parent / "examples"  # in a source checkout; not in the wheel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,20 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     launch = commands.add_parser("launch", help="start one worker per GPU (or N CPU workers) and supervise them")
     launch.add_argument("--cpu-workers", type=int, default=0, metavar="N", help="on a host without GPUs")
 
-    submit = commands.add_parser("submit", help="enqueue a job and follow its progress, then print the result")
+    submit = commands.add_parser(
+        "submit", help="enqueue a job and follow its progress, then print the result",
+        description="Enqueue a job (INPAINT_BROKER_URL), follow its progress, print its status as JSON. Exit "
+        "status: 0 succeeded; 1 failed, or Redis could not be reached; 2 invalid request; 3 --timeout passed "
+        "(the job goes on).")
     submit.add_argument("--image", help="s3://bucket/key, https:// on an allowed host, or a local file (sent inline)")
     submit.add_argument("--mask", help="the mask, as --image")
     submit.add_argument("--prompt")
     submit.add_argument("--request", help="a JSON file with the request; flags override its fields")
     submit.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     submit.add_argument("--job-id", help="idempotency: the same id is enqueued once")
-    submit.add_argument("--timeout", type=float, default=3600.0)
+    submit.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                        help="stop following after S seconds (default: 3600) and exit 3; the job goes on")
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
 
     up = commands.add_parser("up", help="run the whole stack on this machine: redis-server, S3 on loopback, a worker")
     up.add_argument("--demo", action="store_true", help="submit one job, follow it, download the result, stop")
-    up.add_argument("--image", default="examples/sample.png")
-    up.add_argument("--mask", default="examples/sample-mask.png")
+    up.add_argument("--image", help="the demo's image (default: examples/sample.png of the source checkout)")
+    up.add_argument("--mask", help="the demo's mask (default: examples/sample-mask.png of the source checkout)")
     up.add_argument("--prompt", default="a red barn with a white door")
     up.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
 
@@ -57,7 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     commands = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "up": cmd_up,
                 "tiny-model": cmd_tiny_model, "plugins": cmd_plugins}
-    return commands[args.command](args)
+    from pydantic import ValidationError
+
+    try:
+        return commands[args.command](args)
+    except ValidationError as error:  # requests are checked where they are built: this is the settings
+        print(f"error: {settings_error(error)}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def settings_error(error: Any) -> str:
+    """A bad INPAINT_* setting in one line, by variable name and rule, never echoing the value (it may be a secret)."""
+    problems = []
+    for item in error.errors(include_input=False, include_url=False):
+        message = str(item.get("msg", "")).removeprefix("Value error, ")
+        location = item.get("loc") or ()
+        problems.append(f"INPAINT_{str(location[0]).upper()}: {message}" if location else message)
+    what = "setting" if error.title == "Settings" else error.title
+    return f"invalid {what}: " + "; ".join(problems)
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +127,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         request = build_request(args)
         plugins = Plugins(blocked=settings.plugins_blocked)
-        model = load_model(settings, plugins)
+        try:
+            model = load_model(settings, plugins)
+        except Exception as error:  # a wrong path, hub id or network: one line, not the loader's traceback
+            logging.getLogger(__name__).debug("model load failed", exc_info=True)
+            print(f"error: {model_error(settings.model, error)}", file=sys.stderr)
+            return EXIT_FAILED
         if model.tiny:
             print(f"note: using the {model.describe()['label']} (set INPAINT_MODEL or --model for a real one)",
                   file=sys.stderr)
@@ -110,6 +145,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     print(result.model_dump_json(indent=2))
     return 0
+
+
+def model_error(name: str | None, error: Exception) -> str:
+    if name and name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        return f"cannot load the model: {name} does not exist (--model or INPAINT_MODEL: a local directory or a " \
+               "hub id such as Qwen/Qwen-Image)"
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"cannot load the model {name or '(tiny)'}: {type(error).__name__}: {first[:300]}"
 
 
 class ProgressBar:
@@ -137,32 +180,55 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import time
 
-    from .client import InpaintClient
+    from .client import InpaintClient, RedisUnavailable
 
-    client = InpaintClient.from_env()
     try:
         request = build_request(args)
-        for name in ("image", "mask_image"):  # local files travel inline
-            ref = request.get(name)
-            if isinstance(ref, str) and Path(ref).is_file():
-                request[name] = file_data_url(Path(ref))
+        for name in ("image", "mask_image"):  # local files travel inline; checked before anything is sent
+            if name in request:
+                request[name] = inline_local_file(name, request[name])
+        client = InpaintClient.from_env()
         job_id = client.submit(request, job_id=args.job_id)
     except JobError as error:
         print(json.dumps({"error": error.to_dict()}, indent=2))
-        return 2
+        return EXIT_INVALID
+    except RedisUnavailable as error:
+        print(f"error: {error} (INPAINT_BROKER_URL, INPAINT_RESULT_BACKEND)", file=sys.stderr)
+        return EXIT_FAILED
     print(f"job {job_id} submitted", file=sys.stderr)
     bar, deadline = ProgressBar(), time.monotonic() + args.timeout
-    while True:
-        status = client.status(job_id)
-        if status.progress and not args.quiet:
-            bar(status.progress)
-        if status.done or time.monotonic() > deadline:
-            break
-        time.sleep(0.25)
+    try:
+        while True:
+            status = client.status(job_id)
+            if status.progress and not args.quiet:
+                bar(status.progress)
+            if status.done or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+    except RedisUnavailable as error:
+        print(f"\nerror: job {job_id} was submitted, then {error}", file=sys.stderr)
+        return EXIT_FAILED
     if not args.quiet:
         print(file=sys.stderr)
     print(status.model_dump_json(indent=2, exclude_none=True))
-    return 0 if status.state == "SUCCESS" else 1
+    if not status.done:
+        print(f"timed out after {args.timeout:g} s; the job goes on (state {status.state}, job {job_id})",
+              file=sys.stderr)
+        return EXIT_TIMED_OUT
+    return 0 if status.state == "SUCCESS" else EXIT_FAILED
+
+
+def inline_local_file(field: str, ref: Any) -> Any:
+    """A local path as a data: URL; URLs (data:, s3://, https://, ...) and non-strings are left to the request."""
+    if not isinstance(ref, str) or URL.match(ref):
+        return ref
+    try:
+        return file_data_url(Path(ref))
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidRequest(field, f"no such file: {ref[:200]} (a local file, s3://, https:// or data: URL)") \
+            from None
+    except OSError as error:
+        raise InvalidRequest(field, f"cannot read {ref[:200]}: {error.strerror}") from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -175,6 +241,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .client import InpaintClient
     from .stack import LocalStack
 
+    args.image, args.mask = args.image or str(SAMPLES / "sample.png"), args.mask or str(SAMPLES / "sample-mask.png")
+    if args.demo:  # before anything starts: the defaults exist only in a source checkout
+        for flag, path in (("--image", args.image), ("--mask", args.mask)):
+            if not Path(path).is_file():
+                print(f"error: {flag} {path}: no such file (the samples come with the source checkout, not the "
+                      "wheel: pass --image and --mask)", file=sys.stderr)
+                return EXIT_INVALID
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop what we started on SIGTERM too
     # Flower beside a stack left up (not for --demo, which stays fast); started before the worker to see its events
     flower = not args.demo and importlib.util.find_spec("flower") is not None
@@ -182,7 +255,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("note: Flower is not installed (pip install flower), so the stack runs without it", file=sys.stderr)
     stack = LocalStack(flower=flower).start()
     try:
-        client = InpaintClient(make_app(stack.settings()))
+        client = InpaintClient(make_app(stack.settings(), client=True))
         node = f"local@{socket.gethostname()}"
         print(f"redis {stack.redis.url}, S3 {stack.s3.endpoint} (buckets inputs, outputs); starting worker {node} "
               f"(log: {stack.directory / 'local.log'})...", file=sys.stderr)
@@ -190,11 +263,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.demo:
             return demo(args, stack, client)
         exports = " ".join(f"{k}={v}" for k, v in stack.env().items())
+        image, mask = (path if Path(path).is_file() else placeholder
+                       for path, placeholder in ((args.image, "photo.png"), (args.mask, "mask.png")))
         if stack.flower:
             print(f"\nFlower: {stack.flower.url} (user {stack.flower.user}, password {stack.flower.password}; "
                   f"generated for this run; log: {stack.directory / 'flower' / 'flower.log'})", file=sys.stderr)
         print(f"\nThe stack is up. In another shell:\n  export {exports}\n"
-              f"  inpaint-worker submit --image {args.image} --mask {args.mask} --prompt '{args.prompt}'\n"
+              f"  inpaint-worker submit --image {image} --mask {mask} --prompt '{args.prompt}'\n"
               f"Results land in s3://outputs/jobs/<job id>/ at {stack.s3.endpoint}. Ctrl-C stops everything.",
               file=sys.stderr)
         while True:

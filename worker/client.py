@@ -4,6 +4,10 @@
     job_id = client.submit({"prompt": "...", "image": "s3://in/cat.png", "mask_image": "s3://in/mask.png"})
     client.status(job_id).progress               # stage, step, total_steps, percent, eta_s
     client.wait(job_id, timeout=600).result      # InpaintResult with presigned URLs
+
+Every method raises `RedisUnavailable` (a `ConnectionError`) within seconds when Redis cannot be
+reached: the message names the Redis URL (without its password). `wait` raises `TimeoutError`
+when the job is still going after `timeout` seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
@@ -18,10 +24,29 @@ from pydantic import BaseModel
 
 from .app import TASK_NAME, cancel_key, make_app, submitted_key
 from .errors import InvalidRequest
-from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, parse_request
+from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, parse_request, redacted, redacted_reference
 from .settings import Settings
 
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
+KWARGSREPR_MAX = 1024  # what Flower shows of a request: a redacted summary, never the request itself
+
+# Claim a job id and drop a cancel flag left for it (a cancel of an id never submitted lasts
+# result_expires_s), in one step: a cancel sent once the job is claimed is kept.
+CLAIM_SCRIPT = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('DEL', KEYS[2])
+    return 1
+end
+return 0
+"""
+
+
+class RedisUnavailable(ConnectionError):
+    """Redis (the broker or the result backend) could not be reached; `url` is shown without its password."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"cannot reach Redis at {url}: {reason}")
+        self.url = url
 
 
 class JobStatus(BaseModel):
@@ -37,14 +62,23 @@ class JobStatus(BaseModel):
 
 
 class InpaintClient:
+    """Submit, follow, wait for and cancel jobs. Raises `RedisUnavailable` when Redis cannot be reached.
+
+    `app` is used as it is: give it `make_app(settings, client=True)` (what `from_env` does), or a
+    worker's app retries a lost Redis for minutes before a call returns.
+    """
+
     def __init__(self, app: Celery, result_expires_s: int = 86400):
         self.app = app
         self.result_expires_s = result_expires_s
 
     @classmethod
     def from_env(cls) -> InpaintClient:
-        settings = Settings()
-        return cls(make_app(settings), settings.result_expires_s)
+        return cls.from_settings(Settings())
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InpaintClient:
+        return cls(make_app(settings, client=True), settings.result_expires_s)
 
     @property
     def redis(self) -> Any:
@@ -55,20 +89,32 @@ class InpaintClient:
         parsed = parse_request(request)
         payload = request if isinstance(request, dict) else request.model_dump(mode="json", exclude_unset=True)
         job_id = job_id or parsed.job_id or uuid.uuid4().hex
-        if not re.match(JOB_ID_PATTERN, job_id):
+        if not re.fullmatch(JOB_ID_PATTERN, job_id):
             raise InvalidRequest("job_id", f"{job_id!r:.80} must match {JOB_ID_PATTERN}")
-        if self.redis.set(submitted_key(job_id), "1", nx=True, ex=self.result_expires_s):
+        with self._reaching(self._backend_url):
+            claimed = self.redis.eval(CLAIM_SCRIPT, 2, submitted_key(job_id), cancel_key(job_id),
+                                      self.result_expires_s)
+        if claimed:
             try:
-                self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id,
-                                   headers={"inpaint_submitted_at": time.time()})  # for the queue-wait metric
+                with self._reaching(self._broker_url):
+                    self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id,
+                                       headers={"inpaint_submitted_at": time.time()},  # for the queue-wait metric
+                                       # what task events (Flower) show instead of the request
+                                       argsrepr="()", kwargsrepr=kwargs_summary(payload))
             except Exception:
-                self.redis.delete(submitted_key(job_id))  # not enqueued: let a retry with this id through
+                try:
+                    self.redis.delete(submitted_key(job_id))  # not enqueued: let a retry with this id through
+                except Exception:  # Redis is away for this too: the claim expires with result_expires_s
+                    pass
                 raise
         return job_id
 
     def status(self, job_id: str) -> JobStatus:
-        async_result = self.app.AsyncResult(job_id)
-        state, info = async_result.state, async_result.info
+        with self._reaching(self._backend_url):
+            # one read: AsyncResult's .state then .info are two, and a job ending between them paired PROGRESS
+            # with the result
+            meta = self.app.backend.get_task_meta(job_id)
+        state, info = meta["status"], meta.get("result")
         status = JobStatus(job_id=job_id, state=state)
         if state == "PROGRESS" and isinstance(info, dict):
             status.progress = Progress.model_validate(info)
@@ -84,15 +130,85 @@ class InpaintClient:
         """Block until the job ends (Redis tells us at once); raise TimeoutError after `timeout` seconds."""
         from celery.exceptions import TimeoutError as CeleryTimeout
 
+        status = self.status(job_id)  # a finished job needs no subscription; Redis away fails here, at once
+        if status.done:
+            return status
+        result = self.app.AsyncResult(job_id)
         try:
-            self.app.AsyncResult(job_id).get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+            with self._reaching(self._backend_url):
+                result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
         except CeleryTimeout:
             raise TimeoutError(f"job {job_id} is still {self.status(job_id).state} after {timeout:g} s") from None
+        finally:
+            try:  # unsubscribe now: AsyncResult.__del__ would, later, when Redis may be gone (a traceback on stderr)
+                self.app.backend.remove_pending_result(result)
+            except Exception:
+                pass
         return self.status(job_id)
 
     def cancel(self, job_id: str) -> None:
-        """A queued job will not start; a running one stops within one denoising step and writes nothing."""
-        self.redis.set(cancel_key(job_id), "1", ex=self.result_expires_s)
+        """A queued job will not start; a running one stops within one denoising step and writes no result."""
+        with self._reaching(self._backend_url):
+            self.redis.set(cancel_key(job_id), "1", ex=self.result_expires_s)
+
+    @property
+    def _backend_url(self) -> str:
+        return str(self.app.conf.result_backend or self.app.conf.broker_url)
+
+    @property
+    def _broker_url(self) -> str:
+        return str(self.app.conf.broker_url)
+
+    @contextmanager
+    def _reaching(self, url: str) -> Iterator[None]:
+        """Connection errors of redis-py, kombu and Celery's result consumer as one `RedisUnavailable`."""
+        try:
+            yield
+        except RedisUnavailable:
+            raise
+        except Exception as error:
+            cause = connection_error(error)
+            if cause is None:
+                raise
+            shown = redacted_reference(url)
+            reason = f"{type(cause).__name__}: {cause}".replace(url, shown)
+            password = _password(url)
+            if password and len(password) >= 4:  # Redis's messages name host and port; this is a safety net
+                reason = reason.replace(password, "***")
+            raise RedisUnavailable(shown, reason.strip()) from error
+
+
+def connection_error(error: BaseException) -> BaseException | None:
+    """The connection error behind `error` (itself, or what it was raised from), or None."""
+    import kombu.exceptions
+    import redis.exceptions
+
+    kinds = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
+             ConnectionError)
+    seen: BaseException | None = error
+    for _ in range(5):  # Celery's "Retry limit exceeded ... must be restarted" is a RuntimeError from one
+        if seen is None:
+            return None
+        if isinstance(seen, kinds):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def _password(url: str) -> str | None:
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+def kwargs_summary(payload: dict) -> str:
+    """The task's kwargs as task events show them: data: URLs by size, URLs without query, secrets hidden."""
+    text = repr({"request": redacted(payload)})
+    return text if len(text) <= KWARGSREPR_MAX else text[:KWARGSREPR_MAX - 3] + "..."
 
 
 def error_of(info: Any) -> dict[str, Any]:

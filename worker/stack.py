@@ -46,6 +46,24 @@ def wait_for(check: Any, timeout: float, what: str, process: subprocess.Popen | 
     raise TimeoutError(f"{what} did not come up within {timeout:g} s")
 
 
+def wait_started(check: Any, timeout: float, what: str, process: subprocess.Popen, log_path: Path) -> None:
+    """`wait_for` a server we started; if it does not come up, stop it and say where its log is, with its end."""
+    try:
+        wait_for(check, timeout, what, process)
+    except (RuntimeError, TimeoutError) as error:
+        stop_process(process, timeout=10)
+        tail = log_tail(log_path)
+        ending = f"; its last lines:\n{tail}" if tail else " (empty)"
+        raise type(error)(f"{error}; log: {log_path}{ending}") from None
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def stop_process(process: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
     if process is None or process.poll() is not None:
         return
@@ -76,11 +94,12 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no"]
         if self.password:
             args += ["--requirepass", self.password]
-        log = open(self.directory / "redis.log", "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log_path = self.directory / "redis.log"
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         import redis
 
-        wait_for(lambda: redis.Redis.from_url(self.url).ping(), 20, "redis-server", self.process)
+        wait_started(lambda: redis.Redis.from_url(self.url).ping(), 20, "redis-server", self.process, log_path)
         return self
 
     def stop(self) -> None:
@@ -109,11 +128,12 @@ class S3Server:
         import urllib.request
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        log = open(self.directory / "s3.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                         str(self.port)], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: urllib.request.urlopen(self.endpoint, timeout=1).status < 500, 30, "S3 endpoint",
-                 self.process)
+        log_path = self.directory / "s3.log"
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                             str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        wait_started(lambda: urllib.request.urlopen(self.endpoint, timeout=1).status < 500, 30,
+                     "S3 endpoint (moto)", self.process, log_path)
         return self
 
     def client(self) -> Any:
@@ -182,12 +202,13 @@ class FlowerProcess:
         if not self.conf.is_file():
             raise RuntimeError(f"{self.conf} not found: Flower runs from a source checkout")
         self.directory.mkdir(parents=True, exist_ok=True)
-        log = open(self.directory / "flower.log", "ab")
-        self.process = subprocess.Popen(self.command(), env=self.env(), cwd=self.directory, stdout=log,
-                                        stderr=subprocess.STDOUT)
+        log_path = self.directory / "flower.log"
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), env=self.env(), cwd=self.directory, stdout=log,
+                                            stderr=subprocess.STDOUT)
         # /healthcheck is the one page Flower serves without credentials
-        wait_for(lambda: urllib.request.urlopen(f"{self.url}/healthcheck", timeout=1).status == 200, timeout,
-                 f"Flower (log: {self.directory / 'flower.log'})", self.process)
+        wait_started(lambda: urllib.request.urlopen(f"{self.url}/healthcheck", timeout=1).status == 200, timeout,
+                     "Flower", self.process, log_path)
         return self
 
     def stop(self) -> None:
@@ -210,15 +231,15 @@ class LocalStack:
         self.flower = FlowerProcess(self.redis.url, self.directory / "flower") if flower else None
 
     def start(self) -> LocalStack:
-        self.redis.start()
-        self.s3.start()
-        self.create_buckets()
-        if self.flower:
-            try:
+        try:
+            self.redis.start()
+            self.s3.start()
+            self.create_buckets()
+            if self.flower:
                 self.flower.start()
-            except BaseException:
-                self.stop()  # nothing left running when Flower cannot start
-                raise
+        except BaseException:
+            self.stop()  # nothing left running when a part cannot start (or on Ctrl-C while starting)
+            raise
         return self
 
     def create_buckets(self) -> None:

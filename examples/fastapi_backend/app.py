@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from worker.client import InpaintClient, JobStatus
+from worker.client import InpaintClient, JobStatus, RedisUnavailable
 from worker.errors import JobError
 from worker.schema import JOB_ID_PATTERN
 
@@ -40,6 +40,8 @@ def create_app(client: InpaintClient | None = None) -> FastAPI:
     app.include_router(router)
     # FastAPI's own validation errors (a body that is not a JSON object) get the same shape as the worker's
     app.add_exception_handler(RequestValidationError, _validation_error)
+    # Redis away: 503 at once (the client fails within seconds), not a 500 after minutes
+    app.add_exception_handler(RedisUnavailable, _unavailable)
     return app
 
 
@@ -62,7 +64,7 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
     # the key becomes the Celery task id and part of Redis keys and S3 paths, so it must be a valid job id
-    if idempotency_key is not None and not re.match(JOB_ID_PATTERN, idempotency_key):
+    if idempotency_key is not None and not re.fullmatch(JOB_ID_PATTERN, idempotency_key):
         return _error(422, "invalid_request", "Idempotency-Key",
                       f"must match {JOB_ID_PATTERN} (letters, digits, '_', '.', '-'; at most 128)")
     try:
@@ -93,7 +95,8 @@ async def job_events(
     client: Client,
     timeout: Annotated[float, Query(gt=0, le=86400, description="Close the stream after this many seconds")] = 3600.0,
 ) -> StreamingResponse:
-    """Server-sent events: `progress` whenever the progress changes, then one `done` (or `timeout`), then close."""
+    """Server-sent events: `progress` whenever the progress changes, then one `done` (or `timeout`, or `error`
+    when Redis is unavailable), then close."""
     return StreamingResponse(
         _events(client, job_id, timeout),
         media_type="text/event-stream",
@@ -107,8 +110,12 @@ async def _events(client: InpaintClient, job_id: str, timeout: float) -> AsyncIt
     last_progress: dict[str, Any] | None = None
     last_sent = time.monotonic()
     while True:
-        # the client is blocking (redis-py); calling it here directly would stall every other request
-        status = await run_in_threadpool(client.status, job_id)
+        try:
+            # the client is blocking (redis-py); calling it here directly would stall every other request
+            status = await run_in_threadpool(client.status, job_id)
+        except RedisUnavailable as error:  # the response has started: an event, not a 503
+            yield _event("error", {"code": "unavailable", "message": f"the job queue is unavailable: {error}"})
+            return
         if status.done:
             yield _event("done", _dump(status))
             return
@@ -140,6 +147,10 @@ def _error(status_code: int, code: str, field: str | None, message: str) -> JSON
     if field:
         error["field"] = field
     return JSONResponse({"error": error}, status_code=status_code)
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return _error(503, "unavailable", None, f"the job queue is unavailable: {exc}")
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

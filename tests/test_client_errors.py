@@ -1,0 +1,106 @@
+"""What a web backend sees when Redis is away or a job id is malformed: a clear error within seconds, no hang."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from worker.app import make_app
+from worker.client import InpaintClient, RedisUnavailable
+from worker.errors import InvalidRequest
+from worker.settings import Settings
+from worker.stack import RedisServer, free_port
+
+PASSWORD = "hunter2-Zq9"
+REQUEST = {"prompt": "x", "image": "s3://inputs/a.png", "mask_image": "s3://inputs/b.png"}
+BOUND_S = 15  # a behaviour bound (the fix takes well under a second), not a benchmark: a worker's app took 95 s
+
+
+def dead_client(port: int | None = None) -> InpaintClient:
+    """A client of a Redis nobody listens on (a free loopback port), the way a backend builds one."""
+    return InpaintClient.from_settings(Settings(broker_url=f"redis://:{PASSWORD}@127.0.0.1:{port or free_port()}/0"))
+
+
+def timed(call) -> tuple[BaseException | None, float]:
+    started = time.monotonic()
+    try:
+        call()
+    except BaseException as error:  # noqa: B036 - the test inspects what was raised
+        return error, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+def test_every_client_call_fails_fast_naming_redis_without_its_password(monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("INPAINT_BROKER_URL", f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
+    client = InpaintClient.from_env()
+    for name, call in [("submit", lambda: client.submit(REQUEST)), ("status", lambda: client.status("order-1")),
+                       ("wait", lambda: client.wait("order-1", timeout=2)), ("cancel", lambda: client.cancel("a"))]:
+        error, took = timed(call)
+        assert isinstance(error, RedisUnavailable), (name, error)
+        assert isinstance(error, ConnectionError)
+        assert took < BOUND_S, f"{name} took {took:.1f} s"
+        assert f"cannot reach Redis at redis://127.0.0.1:{port}/0" in str(error), str(error)
+        assert PASSWORD not in str(error) and PASSWORD not in error.url
+
+
+def test_a_host_that_drops_connections_cannot_hang_submit_or_status():
+    # a listener whose accept queue is full: the kernel drops further SYNs, as a firewalled host does
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    try:
+        client = dead_client(port)
+        for call in (lambda: client.submit(REQUEST), lambda: client.status("order-1")):
+            error, took = timed(call)
+            assert isinstance(error, RedisUnavailable), error
+            assert took < BOUND_S, f"took {took:.1f} s"  # the connect timeout (5 s), not the kernel's 2 minutes
+    finally:
+        for sock in (*fillers, hole):
+            sock.close()
+
+
+def test_a_client_works_again_once_redis_is_back_and_wait_honours_its_timeout(tmp_path):
+    server = RedisServer(tmp_path / "redis")  # its port is chosen; nothing listens there yet
+    client = InpaintClient.from_settings(Settings(broker_url=server.url))
+    error, _ = timed(lambda: client.status("later-1"))
+    assert isinstance(error, RedisUnavailable)
+    server.start()
+    try:
+        assert client.status("later-1").state == "PENDING"
+        error, took = timed(lambda: client.wait("later-1", timeout=1))
+        assert isinstance(error, TimeoutError) and "still PENDING after 1 s" in str(error), error
+        assert 0.9 < took < BOUND_S
+    finally:
+        server.stop()
+
+
+def test_workers_keep_retrying_redis_and_clients_do_not():
+    settings = Settings()
+    worker_conf, client_conf = make_app(settings).conf, make_app(settings, client=True).conf
+    assert worker_conf.result_backend_always_retry is True  # a job's outcome survives a Redis restart
+    assert client_conf.result_backend_always_retry is False
+    for conf in (worker_conf, client_conf):  # a connect to a silent host is bounded in both
+        assert conf.redis_socket_connect_timeout <= 5
+        assert conf.broker_transport_options["socket_connect_timeout"] <= 5
+    assert InpaintClient.from_settings(settings).app.conf.result_backend_always_retry is False
+
+
+@pytest.mark.parametrize("job_id", ["order-1\n", "order-1\r\n", "\norder-1"])
+def test_a_job_id_with_a_newline_is_refused_before_redis_is_asked(job_id):
+    # the dead client proves nothing was sent: reaching Redis would raise RedisUnavailable instead
+    with pytest.raises(InvalidRequest) as caught:
+        dead_client().submit(REQUEST, job_id=job_id)
+    assert caught.value.field == "job_id"
