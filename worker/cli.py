@@ -158,7 +158,10 @@ def model_error(name: str | None, error: Exception) -> str:
 class ProgressBar:
     """A one-line progress bar on stderr over the steps that really run."""
 
+    last: Any = None
+
     def __call__(self, progress: Any) -> None:
+        self.last = progress
         if progress.total_steps:
             filled = int(30 * progress.step / progress.total_steps)
             eta = f" eta {progress.eta_s:.1f}s" if progress.eta_s is not None else ""
@@ -168,6 +171,14 @@ class ProgressBar:
             line = f"{progress.stage}..."
         end = "\n" if progress.stage == "uploading" else ""
         print(f"\r{line:<70}", end=end, file=sys.stderr, flush=True)
+
+    def finish(self, state: str) -> None:
+        """A job followed by polling can end between two polls: a success shows its bar full."""
+        last = self.last
+        if state == "SUCCESS" and last is not None and last.total_steps and last.step < last.total_steps:
+            self(last.model_copy(update={"step": last.total_steps, "stage": "uploading", "eta_s": None}))
+        elif last is None or last.stage != "uploading":  # the line is still open
+            print(file=sys.stderr)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -209,7 +220,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"\nerror: job {job_id} was submitted, then {error}", file=sys.stderr)
         return EXIT_FAILED
     if not args.quiet:
-        print(file=sys.stderr)
+        bar.finish(status.state)
     print(status.model_dump_json(indent=2, exclude_none=True))
     if not status.done:
         print(f"timed out after {args.timeout:g} s; the job goes on (state {status.state}, job {job_id})",
@@ -298,7 +309,7 @@ def demo(args: argparse.Namespace, stack: Any, client: Any) -> int:
         if status.progress:
             bar(status.progress)
         time.sleep(0.1)
-    print(file=sys.stderr)
+    bar.finish(status.state)
     print(status.model_dump_json(indent=2, exclude_none=True))
     if status.state != "SUCCESS":
         return 1
