@@ -226,7 +226,7 @@ def main() -> None:
     measure("baseline (plain diffusers)", pipe)
     fast, options = worker_pipeline(pipe)
     fast.prompt_cache_size = 0
-    measure("worker's pipeline: no unused VAE encode", fast)  # upstream encodes the masked image for nothing
+    measure("worker pipeline (no unused VAE encode)", fast)  # upstream encodes the masked image for nothing
     fast.prompt_cache_size = 32  # the worker's default
     measure("+ prompt cache", fast)  # the same prompts every run: encoded once, in the warm-up run
     options.speed_up(fast, batch_cfg=True)
