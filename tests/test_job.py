@@ -356,3 +356,7 @@ def test_auto_crop_inpaints_a_small_mask_in_its_region_and_returns_the_full_imag
     assert not np.array_equal(out[40:64, 200:224], original[40:64, 200:224])
     whole = runner.run(image=data_url(source), mask_image=data_url(mask))
     assert whole.parameters.padding_mask_crop is None and whole.parameters.width == 256  # off unless asked
+    sized = runner.run(plugins={"auto_crop": {"enabled": True}}, image=data_url(source), mask_image=data_url(mask),
+                       width=128)
+    assert sized.parameters.padding_mask_crop is None  # a job that chose its output size is not cropped
+    assert (sized.images[0].width, sized.images[0].height) == (128, 128)

@@ -5,7 +5,8 @@ Opt-in (it changes the result: the model sees less context), per job with
 `padding_mask_crop` and a processing size that fits the region, so the pipeline works on the
 crop and pastes it back into the full image; pixels outside the crop are the input's. The
 processing size keeps to the worker's pixel budget (`INPAINT_MAX_PIXELS`) the way the whole
-image's default size does: a region larger than the budget is processed scaled down.
+image's default size does: a region larger than the budget is processed scaled down. A job that
+sets `height` or `width` itself asks for that output size, so it is not cropped.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def inpaint_preprocess(job) -> None:
     options = job.options("auto_crop")
     box = job.mask.getbbox()
     if not options.enabled or job.params.get("padding_mask_crop") is not None or box is None \
-            or job.request.output_type == "latent":  # the crop path pastes images back; latents cannot be
+            or job.request.output_type == "latent" \
+            or job.request.height is not None or job.request.width is not None:  # the job chose its size
         return
     width, height = crop_size(box, job.image.size, options.margin, job.limits.size_factor)
     if width * height > options.max_fraction * job.image.width * job.image.height:
