@@ -141,7 +141,7 @@ class Options(BaseModel):
         required = operator_text()
         if required is not None and (value is None or value.strip() != required):
             raise ValueError(f"{ENV_TEXT} is set on this worker: every job carries the operator's watermark text, "
-                             "and a request cannot change or remove it (position, margin and size may change)")
+                             "and a request cannot change or remove it (it may move it, enlarge it or make it more opaque)")
         return value
 
     @field_validator("image")
@@ -149,7 +149,7 @@ class Options(BaseModel):
     def _operator_logo_stays(cls, value: bool) -> bool:
         if operator_logo() and not value:
             raise ValueError(f"{ENV_IMAGE} is set on this worker: every job carries the operator's logo, and a "
-                             "request cannot turn it off (position, margin and size may change)")
+                             "request cannot turn it off (it may move it, enlarge it or make it more opaque)")
         return value
 
     @field_validator("opacity")
@@ -161,6 +161,26 @@ class Options(BaseModel):
                 raise ValueError(f"{value} is below {floor:g}, the operator's opacity: this worker watermarks every "
                                  f"job ({ENV_TEXT} or {ENV_IMAGE} is set), and a request may make it more opaque, "
                                  "not less")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _operator_size_floor(cls, value: float | None) -> float | None:
+        if operator_watermark() and value is not None:
+            floor = _default_size() or (LOGO_SIZE if operator_logo() else TEXT_SIZE)
+            if value < floor:
+                raise ValueError(f"{value:g} is below {floor:g}, the operator's size: this worker watermarks every "
+                                 "job, and a request may make the mark larger, not smaller")
+        return value
+
+    @field_validator("margin")
+    @classmethod
+    def _operator_margin_ceiling(cls, value: int) -> int:
+        if operator_watermark():
+            ceiling = int(_env_number(ENV_MARGIN, 16, int, 0, None))
+            if value > ceiling:
+                raise ValueError(f"{value} is over {ceiling}, the operator's margin: a wider margin leaves less room "
+                                 "and shrinks the mark this worker puts on every job")
         return value
 
     @model_validator(mode="after")

@@ -366,3 +366,15 @@ def test_latent_outputs_are_refused_while_the_operators_watermark_is_on(monkeypa
     with pytest.raises(InvalidRequest) as raised:
         wm.inpaint_preprocess(job=job("latent"))
     assert raised.value.field == "output_type" and wm.ENV_TEXT in raised.value.message
+
+
+@pytest.mark.parametrize(("options", "field"), [({"margin": 10**9}, "margin"), ({"size": 1e-9}, "size")])
+def test_a_request_cannot_shrink_the_operators_mark_to_nothing(monkeypatch, options, field):
+    from worker.errors import InvalidRequest
+
+    monkeypatch.setenv(wm.ENV_TEXT, "(c) operator")
+    with pytest.raises(InvalidRequest) as raised:
+        check({"watermark": options})
+    assert raised.value.field == f"plugins.watermark.{field}"
+    monkeypatch.delenv(wm.ENV_TEXT)
+    assert check({"watermark": options})["watermark"]  # without an operator's mark the request decides
