@@ -216,14 +216,32 @@ def test_fp8_blocks_hold_float8_weights_and_change_the_result_only_a_little(mode
 def test_a_worker_started_with_INPAINT_FP8_runs_float8_jobs_and_says_so(tiny_model_dir, plugins, tmp_path,
                                                                         monkeypatch):
     from tests.support import Runner
+    from worker.inpaint_pipeline import Fp8Linear
     from worker.pipeline import load_model
     from worker.settings import Settings
 
     monkeypatch.setenv("INPAINT_FP8", "true")
     settings = Settings(model=str(tiny_model_dir), cache_dir=tmp_path, progress_interval_s=0)
-    result = Runner(load_model(settings), plugins, settings, tmp_path).run(negative_prompt=LONG_NEGATIVE,
-                                                                           true_cfg_scale=4.0)
+    model = load_model(settings)
+    assert any(isinstance(layer, Fp8Linear) for layer in model.pipe.transformer.modules())
+    result = Runner(model, plugins, settings, tmp_path).run(negative_prompt=LONG_NEGATIVE, true_cfg_scale=4.0)
     assert result.model["fp8"] is True and result.parameters.true_cfg
+
+
+def test_fp8_weights_stay_float8_through_a_dtype_cast_and_sequential_offload_is_refused():
+    from pydantic import ValidationError
+
+    from worker.inpaint_pipeline import Fp8Linear
+    from worker.settings import Settings
+
+    layer = Fp8Linear(torch.nn.Linear(32, 16))
+    x = torch.randn(3, 32)
+    before = layer(x)
+    layer.to(torch.bfloat16)  # e.g. a plugin calling pipe.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+    assert (layer(x.bfloat16()).float() - before).abs().max() < 0.1
+    with pytest.raises(ValidationError, match="INPAINT_FP8 and INPAINT_OFFLOAD=sequential"):
+        Settings(fp8=True, offload="sequential")
 
 
 def test_the_masked_image_is_not_encoded_for_nothing_and_the_result_is_upstreams(model):

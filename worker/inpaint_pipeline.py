@@ -193,17 +193,15 @@ def uncompile_blocks(pipe: InpaintPipeline) -> None:
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
-def quantize_blocks_fp8(transformer: torch.nn.Module, device: torch.device | None = None) -> int:
-    """Lossy: the linear layers of the transformer's blocks become `Fp8Linear`s; returns how many.
+def quantize_blocks_fp8(transformer: torch.nn.Module) -> int:
+    """Lossy: the linear layers of the transformer's blocks become `Fp8Linear`s, where they are; returns how many.
 
     The blocks hold nearly all the transformer's weights, so its memory halves (from bfloat16).
-    With `device`, each block moves there before it is quantized, so the device never holds
-    more than one block in bfloat16.
+    The worker runs it after the plugins' `inpaint_pipeline_loaded`, so a LoRA a plugin fuses into
+    the weights (`pipe.fuse_lora()`) is quantized with them.
     """
     count = 0
     for block in transformer.transformer_blocks:
-        if device is not None:
-            block.to(device)
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear and child.in_features % 16 == 0 and child.out_features % 16 == 0:
@@ -225,9 +223,19 @@ class Fp8Linear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        self.register_buffer("weight", (weight / scale).to(torch.float8_e4m3fn))  # buffers: no dtype casts
+        self.register_buffer("weight", (weight / scale).to(torch.float8_e4m3fn))
         self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out_features)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Fp8Linear:
+        """Moves apply; dtype casts (`module.to(torch.bfloat16)`) leave the weight float8 and its scale float32."""
+        weight, scale = self.weight, self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != weight.dtype:
+            self.weight = weight.to(self.weight.device)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

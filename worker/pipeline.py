@@ -7,6 +7,7 @@ state, so a process runs one call at a time.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -104,11 +105,10 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
         if key not in _loaded:
             if settings.offload != "none" and device.type != "cuda":
                 raise ValueError(f"INPAINT_OFFLOAD={settings.offload} needs a CUDA device, not {device}")
+            if settings.fp8:
+                check_fp8(device, dtype)  # before minutes of loading
             started = time.monotonic()
             pipe = InpaintPipeline.from_pretrained(name, dtype=dtype)
-            if settings.fp8:
-                check_fp8(device)
-                quantize_blocks_fp8(pipe.transformer, device if settings.offload == "none" else None)
             if settings.offload == "model":
                 pipe.enable_model_cpu_offload(device=device)
             elif settings.offload == "sequential":
@@ -132,14 +132,24 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
             log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
             if plugins is not None:
                 plugins.pipeline_loaded(pipe, settings)
+            if settings.fp8:  # after the plugins' setup: a LoRA is loaded (and fused) into bfloat16 layers first
+                quantize_blocks_fp8(pipe.transformer)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         return _loaded[key]
 
 
-def check_fp8(device: torch.device) -> None:
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+def check_fp8(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cuda":
+        return
+    if torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"INPAINT_FP8 needs float8 matrix units, compute capability 8.9 or newer (L4, L40S, "
                          f"RTX 4090, H100, ...): {device} ({torch.cuda.get_device_name(device)}) is {major}.{minor}")
+    if dtype != torch.bfloat16:  # cuBLAS's row-wise scaled products give bfloat16
+        raise ValueError(f"INPAINT_FP8 on CUDA computes in bfloat16: leave INPAINT_DTYPE at auto or bfloat16, not "
+                         f"{str(dtype).removeprefix('torch.')}")
 
 
 def wants_warm_up(settings: Settings, model: LoadedModel) -> bool:

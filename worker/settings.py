@@ -109,6 +109,13 @@ class Settings(BaseSettings):
                              "break the compiled blocks' graphs (leave INPAINT_COMPILE at auto or off)")
         return self
 
+    @model_validator(mode="after")
+    def _fp8_not_sequentially_offloaded(self) -> Settings:
+        if self.fp8 and self.offload == "sequential":
+            raise ValueError("INPAINT_FP8 and INPAINT_OFFLOAD=sequential exclude each other: sequential offload "
+                             "keeps a module's buffers (the float8 weights) on the GPU; use INPAINT_OFFLOAD=model")
+        return self
+
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
