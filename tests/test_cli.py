@@ -55,6 +55,15 @@ def test_run_reports_bad_input_as_json_and_exit_code_2(tiny_model_dir, tmp_path)
     assert error["code"] == "invalid_request" and error["field"] == "strength"
 
 
+def test_run_refuses_a_request_file_that_is_not_a_json_object(tiny_model_dir, tmp_path):
+    (tmp_path / "list.json").write_text('["a red barn"]')
+    done = cli("run", "--request", str(tmp_path / "list.json"), "--prompt", "x", "--out", str(tmp_path / "out"),
+               "--model", str(tiny_model_dir))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["field"] == "--request" and "JSON list" in error["message"]
+
+
 def test_plugins_lists_the_builtins_and_their_hooks():
     done = cli("plugins", "--json")
     assert done.returncode == 0, done.stderr

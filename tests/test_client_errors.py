@@ -104,3 +104,9 @@ def test_a_job_id_with_a_newline_is_refused_before_redis_is_asked(job_id):
     with pytest.raises(InvalidRequest) as caught:
         dead_client().submit(REQUEST, job_id=job_id)
     assert caught.value.field == "job_id"
+
+
+def test_two_different_job_ids_are_refused_before_redis_is_asked():
+    with pytest.raises(InvalidRequest) as caught:
+        dead_client().submit({**REQUEST, "job_id": "order-1"}, job_id="order-2")
+    assert caught.value.field == "job_id" and "'order-1'" in caught.value.message

@@ -298,6 +298,12 @@ class ReturnsNoImages:
         return []
 
 
+class ReturnsAnImageFromPreprocess:
+    @hookimpl
+    def inpaint_preprocess(self, job):
+        return job.image.rotate(90)
+
+
 class ReturnsATensor:
     @hookimpl
     def inpaint_step_end(self, latents):
@@ -316,6 +322,7 @@ class ReturnsAnotherKey:
     (ReturnsATensor, "returned a tensor of shape [1, 64, 16]; expected None or {'latents': a tensor of shape "
                      "[1, 64, 16]}"),
     (ReturnsAnotherKey, "returned {'noise': a tensor of shape [1, 64, 16]}; expected None or {'latents'"),
+    (ReturnsAnImageFromPreprocess, "returned an object of type Image; this hook returns None (edit the job in place"),
 ])
 def test_a_plugin_returning_the_wrong_thing_fails_the_job_naming_it_and_what_was_expected(runner, plugin, expected):
     with pytest.raises(PluginError) as caught:
@@ -340,7 +347,8 @@ def test_each_step_end_plugin_sees_the_latents_the_one_before_left(runner):
     assert seen and all(value == 0 for value in seen)
 
 
-def test_a_bad_plugin_option_names_the_option_in_the_field(runner):
+@pytest.mark.parametrize("grow", ["a lot", True, "2"])  # built-in options take JSON types as the request does
+def test_a_bad_plugin_option_names_the_option_in_the_field(runner, grow):
     with pytest.raises(InvalidRequest) as caught:
-        runner.run(plugins={"mask": {"grow": "a lot"}})
+        runner.run(plugins={"mask": {"grow": grow}})
     assert caught.value.field == "plugins.mask.grow"

@@ -47,6 +47,8 @@ INVALID = [
         ["valid integer", "2.5"],
         id="steps-as-fractional-number",
     ),
+    pytest.param(request(padding_mask_crop=False), "padding_mask_crop", ["valid integer", "False"],
+                 id="padding-mask-crop-false"),
     pytest.param(request(num_inference_steps=True), "num_inference_steps", ["valid integer", "True"],
                  id="steps-as-boolean"),
     pytest.param(request(seed="7"), "seed", ["valid integer", "'7'"], id="seed-as-string"),

@@ -140,3 +140,6 @@ def test_what_is_recorded_of_a_request_holds_no_credentials_and_no_megabytes():
     assert shown["plugins"]["webhook"] == {"url": "https://hooks.example.com/cb?...", "secret": "<redacted>",
                                            "retries": 3}
     assert not any(secret in repr(shown) for secret in ("pw", "SIG", "TOK", "SEC"))
+    socket_url = "redis+socket:///run/redis.sock?password=S3CRET&db=0"
+    assert redacted(socket_url) == "redis+socket:///run/redis.sock?..."
+    assert redacted("photo: a cat, http-free") == "photo: a cat, http-free"

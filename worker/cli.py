@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except ValidationError as error:  # requests are checked where they are built: this is the settings
+        if error.title != "Settings":
+            raise
         print(f"error: {settings_error(error)}", file=sys.stderr)
         return EXIT_INVALID
 
@@ -86,8 +88,7 @@ def settings_error(error: Any) -> str:
         message = str(item.get("msg", "")).removeprefix("Value error, ")
         location = item.get("loc") or ()
         problems.append(f"INPAINT_{str(location[0]).upper()}: {message}" if location else message)
-    what = "setting" if error.title == "Settings" else error.title
-    return f"invalid {what}: " + "; ".join(problems)
+    return "invalid setting: " + "; ".join(problems)
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,11 +109,14 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 
 def read_request_file(path: str) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        request = json.loads(Path(path).read_text())
     except OSError as error:
         raise InvalidRequest("--request", f"cannot read {path}: {error.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidRequest("--request", f"{path} is not a JSON object: {error}") from None
+    if not isinstance(request, dict):
+        raise InvalidRequest("--request", f"{path} holds a JSON {type(request).__name__}; a request is an object")
+    return request
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -87,6 +87,9 @@ class InpaintClient:
     def submit(self, request: dict | InpaintRequest, job_id: str | None = None) -> str:
         """Validate and enqueue; the same `job_id` twice enqueues once and returns the same job."""
         parsed = parse_request(request)
+        if job_id is not None and parsed.job_id is not None and job_id != parsed.job_id:
+            raise InvalidRequest("job_id", f"the request's {parsed.job_id!r:.80} differs from submit's job_id "
+                                 f"{job_id!r:.80}; give one of them")
         payload = request if isinstance(request, dict) else request.model_dump(mode="json", exclude_unset=True)
         job_id = job_id or parsed.job_id or uuid.uuid4().hex
         if not re.fullmatch(JOB_ID_PATTERN, job_id):

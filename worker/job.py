@@ -164,7 +164,7 @@ def check_ready(job: Job, model: LoadedModel) -> None:
     job.items = plan_images(request, prompts)
     if "latents" in job.tensors and job.tensors["latents"].shape[0] not in (1, len(job.items)):
         raise InvalidRequest("latents", f"has {job.tensors['latents'].shape[0]} rows for {len(job.items)} images; "
-                             "give one row for every image, or one each")
+                             f"give 1 row (shared by every image) or {len(job.items)} (one per image)")
 
 
 def check_tensors(job: Job, model: LoadedModel) -> int:

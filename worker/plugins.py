@@ -203,9 +203,14 @@ class JobHooks:
         return in_order(i for i in getattr(self.plugins.pm.hook, name).get_hookimpls() if i.plugin not in self.removed)
 
     def call(self, name: str, **kwargs: Any) -> None:
-        """Call every implementation, in order; what they return is ignored."""
+        """Call every implementation of a hook that returns nothing, in order; one that returns something
+        (a replacement image, say: such hooks edit the job in place) fails the job naming it."""
         for impl in self._impls(name):
-            self._call_one(impl, name, kwargs)
+            returned = self._call_one(impl, name, kwargs)
+            if returned is not None:
+                raise PluginError(impl.plugin_name, name, TypeError(
+                    f"returned an object of type {type(returned).__name__}; this hook returns None (edit the job in "
+                    "place: job.image, job.mask, job.params)"))
 
     def chain(self, name: str, key: str, value: Any, accept: Callable[[Any, Any], Any], **kwargs: Any) -> Any:
         """Call each implementation with `key=value`; a non-None return, turned into the new value by

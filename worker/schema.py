@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -84,7 +84,7 @@ class InpaintRequest(BaseModel):
     @field_validator("padding_mask_crop", mode="before")
     @classmethod
     def _no_zero_crop(cls, value: object) -> object:
-        if value == 0:
+        if value == 0 and not isinstance(value, bool):
             raise ValueError(
                 "0 would still crop to the mask's bounding box with no margin; "
                 "use null for no cropping or a margin in pixels (> 0)"
@@ -210,10 +210,10 @@ def redacted_reference(ref: str) -> str:
     if ref.startswith("data:"):
         return f"{ref.split(',', 1)[0][:100]},... ({len(ref)} characters)"
     parts = urlsplit(ref)
-    if not parts.scheme or not parts.netloc:
+    if not parts.scheme or "://" not in ref:  # a prompt like "photo: a cat" is no URL
         return ref
-    query = "..." if parts.query or parts.fragment else ""
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, query, ""))  # no user:password@
+    query = "?..." if parts.query or parts.fragment else ""  # e.g. redis+socket:///run/r.sock?password=...
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"  # no user:password@
 
 
 def _field_error(field: str, message: str) -> ValueError:

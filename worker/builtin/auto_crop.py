@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types, as the request
 
     enabled: bool = Field(default_factory=lambda: os.environ.get("INPAINT_AUTO_CROP", "").lower() in ("1", "true"))
     margin: int = Field(32, ge=1, le=1024, description="Context around the mask, in pixels")

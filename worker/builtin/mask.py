@@ -10,7 +10,7 @@ from ..hooks import hookimpl
 
 
 class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types, as the request
 
     threshold: int = Field(128, ge=1, le=255, description="Gray level from which a pixel is repainted")
     grow: int = Field(0, ge=0, le=256, description="Pixels to dilate the mask by")

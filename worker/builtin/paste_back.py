@@ -20,7 +20,7 @@ from ..hooks import hookimpl
 
 
 class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types, as the request
 
     feather: int = Field(4, ge=0, le=128, description="Width in pixels of the soft edge, inside the mask (narrower "
                                                       "where the mask is thinner)")
