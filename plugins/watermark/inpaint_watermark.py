@@ -141,7 +141,8 @@ class Options(BaseModel):
         required = operator_text()
         if required is not None and (value is None or value.strip() != required):
             raise ValueError(f"{ENV_TEXT} is set on this worker: every job carries the operator's watermark text, "
-                             "and a request cannot change or remove it (it may move it, enlarge it or make it more opaque)")
+                             "and a request cannot change or remove it (it may move it, enlarge it or make it more "
+                             "opaque)")
         return value
 
     @field_validator("image")

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worker.hooks import hookimpl
+from worker.schema import redacted_reference as redact  # URLs in logs: no query, no user:password@
 
 NAME = "webhook"
 USER_AGENT = "inpaint-webhook/0.1"
@@ -194,12 +195,6 @@ def verify_signature(secret: bytes | str, timestamp: int | str | None, body: byt
         return False
     expected = sign(secret, timestamp, body).encode()
     return hmac.compare_digest(expected, header.strip().encode("utf-8", "replace"))
-
-
-def redact(url: str) -> str:
-    """The URL as it may appear in logs: no query string or fragment (they may hold tokens)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def summary(job_id: str, state: Literal["SUCCESS", "FAILURE"], *, error: Any = None, images: Any = (),

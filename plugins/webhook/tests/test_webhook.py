@@ -321,3 +321,8 @@ def test_a_bad_number_set_after_loading_is_logged_and_nothing_is_sent(server, mo
     delivered()
     assert server.requests == []
     assert "not sent" in caplog.text and webhook.ENV_BACKOFF in caplog.text
+
+
+def test_a_webhook_url_is_logged_without_its_credentials_or_query():
+    shown = webhook.redact("https://user:pa55word@hooks.example.com/cb?token=T0KEN#frag")
+    assert shown == "https://hooks.example.com/cb?..."
