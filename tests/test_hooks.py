@@ -352,3 +352,16 @@ def test_a_bad_plugin_option_names_the_option_in_the_field(runner, grow):
     with pytest.raises(InvalidRequest) as caught:
         runner.run(plugins={"mask": {"grow": grow}})
     assert caught.value.field == "plugins.mask.grow"
+
+
+def test_an_installed_plugin_named_like_a_builtin_is_refused_and_listed_apart(tmp_path, monkeypatch):
+    (tmp_path / "shadow_mask.py").write_text("from worker.hooks import hookimpl\n")
+    info = tmp_path / "shadow_mask-9.9.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shadow-mask\nVersion: 9.9\n")
+    (info / "entry_points.txt").write_text("[inpaint_worker]\nmask = shadow_mask\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = {row["name"]: row for row in Plugins().describe()}
+    assert rows["mask"]["status"] == "active" and rows["mask"]["kind"] == "built-in"
+    assert rows["mask (from shadow-mask)"]["status"] == "failed"
+    assert "already registered" in rows["mask (from shadow-mask)"]["error"]

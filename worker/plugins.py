@@ -90,8 +90,9 @@ class Plugins:
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(entry, "dist", None)
             if self.pm.has_plugin(entry.name):  # the registered one keeps its name and listing
-                self._skip(entry.name, RuntimeError(f"a plugin of that name is already registered; "
-                                                    f"{dist.name if dist else '?'} cannot take it"))
+                source = dist.name if dist else "?"
+                self._skip(f"{entry.name} (from {source})", RuntimeError(
+                    f"a plugin named {entry.name!r} is already registered; {source} cannot take the name"))
                 continue
             self.report.origin[entry.name] = {"kind": "installed", "distribution": dist.name if dist else "?",
                                               "version": dist.version if dist else "?"}
