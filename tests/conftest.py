@@ -74,7 +74,7 @@ def client(stack):
     from worker.app import make_app
     from worker.client import InpaintClient
 
-    return InpaintClient(make_app(stack.settings()))
+    return InpaintClient(make_app(stack.settings(), client=True))  # as InpaintClient.from_env builds it
 
 
 @pytest.fixture(scope="session")
