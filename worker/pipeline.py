@@ -143,10 +143,11 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
 def check_fp8(device: torch.device, dtype: torch.dtype) -> None:
     if device.type != "cuda":
         return
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
         raise ValueError(f"INPAINT_FP8 needs float8 matrix units, compute capability 8.9 or newer (L4, L40S, "
-                         f"RTX 4090, H100, ...): {device} ({torch.cuda.get_device_name(device)}) is {major}.{minor}")
+                         f"RTX 4090, H100, ...): {device} ({torch.cuda.get_device_name(device)}) is "
+                         f"{capability[0]}.{capability[1]}")
     if dtype != torch.bfloat16:  # cuBLAS's row-wise scaled products give bfloat16
         raise ValueError(f"INPAINT_FP8 on CUDA computes in bfloat16: leave INPAINT_DTYPE at auto or bfloat16, not "
                          f"{str(dtype).removeprefix('torch.')}")

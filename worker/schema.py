@@ -31,6 +31,7 @@ class OutputOptions(BaseModel):
 
     bucket: str | None = None
     prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_./-]{0,200}$", description="default: INPAINT_OUTPUT_PREFIX")
+    quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
 
     @field_validator("prefix")
     @classmethod
@@ -40,7 +41,6 @@ class OutputOptions(BaseModel):
             raise ValueError(f"{value!r:.80} has an empty, '.' or '..' path segment; use names joined by single "
                              "slashes, e.g. 'renders/2026'")
         return value
-    quality: int = Field(95, ge=1, le=100, description="JPEG and WebP quality")
 
 
 class InpaintRequest(BaseModel):

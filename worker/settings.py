@@ -127,6 +127,11 @@ class Settings(BaseSettings):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
+    @field_validator("http_allow")
+    @classmethod
+    def _lowercase_hosts(cls, value: list[str]) -> list[str]:
+        return [host.lower() for host in value]  # as urlsplit gives a URL's hostname
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -114,7 +114,7 @@ class StorageFetcher:
 
     def _fetch_https(self, ref: str, field: str) -> bytes:
         host = urlsplit(ref).hostname or ""
-        if host not in {allowed.lower() for allowed in self.settings.http_allow}:  # hostname is lowercased
+        if host not in self.settings.http_allow:
             raise InputForbidden(f"{field}: host {host!r} is not on the allow-list (INPAINT_HTTP_ALLOW)", field=field)
         refuse_internal_address(host, field)
         opener = urllib.request.build_opener(NoRedirects)

@@ -97,6 +97,10 @@ def _default_opacity() -> float:
     return _env_number(ENV_OPACITY, 0.5, float, 0.0, 1.0)
 
 
+def _default_margin() -> int:
+    return int(_env_number(ENV_MARGIN, 16, int, 0, None))
+
+
 def _default_size() -> float | None:
     if _env(ENV_SIZE) is None:
         return None
@@ -126,7 +130,7 @@ class Options(BaseModel):
         description="0 (invisible) to 1 (opaque); default INPAINT_WATERMARK_OPACITY or 0.5",
     )
     margin: int = Field(
-        default_factory=lambda: int(_env_number(ENV_MARGIN, 16, int, 0, None)), ge=0,
+        default_factory=_default_margin, ge=0,
         description="Distance in pixels from the image's edges; default INPAINT_WATERMARK_MARGIN or 16",
     )
     size: float | None = Field(
@@ -178,7 +182,7 @@ class Options(BaseModel):
     @classmethod
     def _operator_margin_ceiling(cls, value: int) -> int:
         if operator_watermark():
-            ceiling = int(_env_number(ENV_MARGIN, 16, int, 0, None))
+            ceiling = _default_margin()
             if value > ceiling:
                 raise ValueError(f"{value} is over {ceiling}, the operator's margin: a wider margin leaves less room "
                                  "and shrinks the mark this worker puts on every job")
