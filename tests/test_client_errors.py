@@ -110,3 +110,21 @@ def test_two_different_job_ids_are_refused_before_redis_is_asked():
     with pytest.raises(InvalidRequest) as caught:
         dead_client().submit({**REQUEST, "job_id": "order-1"}, job_id="order-2")
     assert caught.value.field == "job_id" and "'order-1'" in caught.value.message
+
+
+def test_a_broker_that_takes_the_connection_and_never_answers_cannot_hang_submit(tmp_path):
+    silent = socket.socket()  # the kernel completes connects into its backlog; nothing ever replies
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    backend = RedisServer(tmp_path / "redis").start()
+    try:
+        client = InpaintClient.from_settings(Settings(broker_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                                                      result_backend=backend.url))
+        error, took = timed(lambda: client.submit(REQUEST, job_id="order-7"))
+        assert isinstance(error, RedisUnavailable), error
+        assert took < BOUND_S * 2, f"took {took:.1f} s"
+        # nothing was queued, so the id is free again: a retry once the broker is back sends the job
+        assert client.redis.exists("inpaint:submitted:order-7") == 0
+    finally:
+        backend.stop()
+        silent.close()

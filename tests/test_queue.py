@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -284,3 +288,53 @@ def test_a_cancel_of_an_id_never_submitted_does_not_cancel_it_when_it_is_submitt
     client.app.send_task("inpaint", kwargs={"request": request(stack)}, task_id=plain)
     status = client.wait(plain, timeout=60)
     assert status.state == "FAILURE" and status.error["code"] == "cancelled", status
+
+
+def test_a_job_id_whose_submitter_died_mid_send_is_sent_by_a_retry(stack, client, worker, run_log):
+    job_id = f"crashed-{time.monotonic_ns()}"
+    silent = socket.socket()  # the dying submitter's broker: takes the connection, never answers, so it is mid-send
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    submitter = subprocess.Popen([sys.executable, "-c", DYING_SUBMITTER, f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                                  stack.settings().backend_url, json.dumps(request(stack)), job_id])
+    try:
+        deadline = time.monotonic() + 60
+        while client.redis.get(f"inpaint:submitted:{job_id}") != b"sending":
+            assert submitter.poll() is None and time.monotonic() < deadline, "the submitter never claimed the id"
+            time.sleep(0.05)
+        submitter.kill()  # killed between its claim and its send, as a web process in a deploy
+        submitter.wait(10)
+    finally:
+        silent.close()
+    assert client.submit(request(stack), job_id=job_id) == job_id  # the backend's retry, with the same id
+    status = client.wait(job_id, timeout=60)
+    assert status.state == "SUCCESS", status.error
+    assert runs(run_log, job_id) == 1
+
+
+DYING_SUBMITTER = """
+import json, sys
+from worker.app import make_app
+from worker.client import InpaintClient
+from worker.settings import Settings
+broker, backend, request, job_id = sys.argv[1:]
+settings = Settings(broker_url=broker, result_backend=backend)
+InpaintClient(make_app(settings, client=True), claim_hold_s=2).submit(json.loads(request), job_id=job_id)
+"""
+
+
+def test_the_same_job_id_submitted_at_once_by_many_callers_is_queued_once(stack):
+    from worker.app import make_app
+    from worker.client import InpaintClient
+
+    queue = f"unserved-{time.monotonic_ns()}"  # no worker takes from it: the queue shows every message sent
+    unserved = InpaintClient(make_app(stack.settings(queue=queue), client=True))
+    job_id = f"race-{time.monotonic_ns()}"
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            returned = list(pool.map(lambda _: unserved.submit(request(stack), job_id=job_id), range(8)))
+        assert returned == [job_id] * 8
+        assert unserved.redis.llen(queue) == 1
+        assert unserved.submit(request(stack), job_id=job_id) == job_id and unserved.redis.llen(queue) == 1
+    finally:
+        unserved.redis.delete(queue)

@@ -67,6 +67,8 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
                                               "retry_policy": CLIENT_RETRY_POLICY},
             task_publish_retry_policy=CLIENT_RETRY_POLICY,
             redis_socket_timeout=CLIENT_SOCKET_TIMEOUT_S,
+            # a broker that takes the connection and never answers would hold a submit forever (kombu: no timeout)
+            broker_transport_options={**app.conf.broker_transport_options, "socket_timeout": CLIENT_SOCKET_TIMEOUT_S},
         )
     return app
 
@@ -87,5 +89,5 @@ def cancel_key(job_id: str) -> str:
 
 
 def submitted_key(job_id: str) -> str:
-    """Claimed by `InpaintClient.submit`, so a job id is enqueued once."""
+    """Claimed by `InpaintClient.submit`, so a job id is enqueued once: `sending`, then `sent`."""
     return f"inpaint:submitted:{job_id}"

@@ -12,6 +12,8 @@ when the job is still going after `timeout` seconds.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import time
 import uuid
@@ -27,18 +29,27 @@ from .errors import InvalidRequest
 from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, parse_request, redacted, redacted_reference
 from .settings import Settings
 
+log = logging.getLogger(__name__)
 TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
 KWARGSREPR_MAX = 1024  # what Flower shows of a request: a redacted summary, never the request itself
 
-# Claim a job id and drop a cancel flag left for it (a cancel of an id never submitted lasts
-# result_expires_s), in one step: a cancel sent once the job is claimed is kept.
+CLAIM_HOLD_S = 30  # how long a submit's claim lasts before its send is confirmed: a caller that died mid-send
+# (a web process killed, a deploy) frees its job id after this, and a retry with the id sends the job
+
+# Claim a job id for sending, dropping a cancel flag left for it (a cancel of an id never submitted lasts
+# result_expires_s), in one step: a cancel sent once the job is claimed is kept. 1: claimed by this call;
+# 2: another call is sending it now; 0: already sent (any other value: a claim of an older client).
 CLAIM_SCRIPT = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+if redis.call('SET', KEYS[1], 'sending', 'NX', 'EX', ARGV[1]) then
     redis.call('DEL', KEYS[2])
     return 1
 end
+if redis.call('GET', KEYS[1]) == 'sending' then
+    return 2
+end
 return 0
 """
+CLAIMED, SENT, SENDING = 1, 0, 2
 
 
 class RedisUnavailable(ConnectionError):
@@ -68,9 +79,10 @@ class InpaintClient:
     worker's app retries a lost Redis for minutes before a call returns.
     """
 
-    def __init__(self, app: Celery, result_expires_s: int = 86400):
+    def __init__(self, app: Celery, result_expires_s: int = 86400, claim_hold_s: float = CLAIM_HOLD_S):
         self.app = app
         self.result_expires_s = result_expires_s
+        self.claim_hold_s = claim_hold_s
 
     @classmethod
     def from_env(cls) -> InpaintClient:
@@ -85,7 +97,12 @@ class InpaintClient:
         return self.app.backend.client
 
     def submit(self, request: dict | InpaintRequest, job_id: str | None = None) -> str:
-        """Validate and enqueue; the same `job_id` twice enqueues once and returns the same job."""
+        """Validate and enqueue; the same `job_id` twice enqueues once and returns the same job.
+
+        Returns once the job is in the queue, sent by this call or an earlier one. While another
+        call is sending the same id, this one waits for it; if that caller died before its send
+        was confirmed, this one sends the job once the claim lapses (`claim_hold_s`, 30 s).
+        """
         parsed = parse_request(request)
         if job_id is not None and parsed.job_id is not None and job_id != parsed.job_id:
             raise InvalidRequest("job_id", f"the request's {parsed.job_id!r:.80} differs from submit's job_id "
@@ -94,23 +111,41 @@ class InpaintClient:
         job_id = job_id or parsed.job_id or uuid.uuid4().hex
         if not re.fullmatch(JOB_ID_PATTERN, job_id):
             raise InvalidRequest("job_id", f"{job_id!r:.80} must match {JOB_ID_PATTERN}")
-        with self._reaching(self._backend_url):
-            claimed = self.redis.eval(CLAIM_SCRIPT, 2, submitted_key(job_id), cancel_key(job_id),
-                                      self.result_expires_s)
-        if claimed:
-            try:
-                with self._reaching(self._broker_url):
-                    self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id,
-                                       headers={"inpaint_submitted_at": time.time()},  # for the queue-wait metric
-                                       # what task events (Flower) show instead of the request
-                                       argsrepr="()", kwargsrepr=kwargs_summary(payload))
-            except Exception:
-                try:
-                    self.redis.delete(submitted_key(job_id))  # not enqueued: let a retry with this id through
-                except Exception:  # Redis is away for this too: the claim expires with result_expires_s
-                    pass
-                raise
+        if self._claim(job_id):
+            self._send(job_id, payload)
         return job_id
+
+    def _claim(self, job_id: str) -> bool:
+        """True when this call is to send the job; False when it is already sent."""
+        deadline = time.monotonic() + self.claim_hold_s + 5  # a claim lapses within claim_hold_s
+        while True:
+            with self._reaching(self._backend_url):
+                claim = self.redis.eval(CLAIM_SCRIPT, 2, submitted_key(job_id), cancel_key(job_id),
+                                        math.ceil(self.claim_hold_s))
+            if claim != SENDING:
+                return claim == CLAIMED
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still being sent by another caller after "
+                                   f"{self.claim_hold_s + 5:g} s")
+            time.sleep(0.05)
+
+    def _send(self, job_id: str, payload: dict) -> None:
+        try:
+            with self._reaching(self._broker_url):
+                self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id,
+                                   headers={"inpaint_submitted_at": time.time()},  # for the queue-wait metric
+                                   # what task events (Flower) show instead of the request
+                                   argsrepr="()", kwargsrepr=kwargs_summary(payload))
+        except Exception:
+            try:
+                self.redis.delete(submitted_key(job_id))  # not enqueued: let a retry with this id through
+            except Exception:  # Redis is away for this too: the claim lapses after claim_hold_s
+                pass
+            raise
+        try:
+            self.redis.set(submitted_key(job_id), "sent", ex=self.result_expires_s)
+        except Exception as error:  # the job is queued; only a retry after claim_hold_s could send it twice
+            log.warning("job %s is queued but its claim could not be confirmed: %s", job_id, error)
 
     def status(self, job_id: str) -> JobStatus:
         with self._reaching(self._backend_url):
