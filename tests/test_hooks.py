@@ -365,3 +365,14 @@ def test_an_installed_plugin_named_like_a_builtin_is_refused_and_listed_apart(tm
     assert rows["mask"]["status"] == "active" and rows["mask"]["kind"] == "built-in"
     assert rows["mask (from shadow-mask)"]["status"] == "failed"
     assert "already registered" in rows["mask (from shadow-mask)"]["error"]
+
+
+def test_registering_under_a_taken_name_is_refused_and_the_listed_plugin_is_untouched():
+    first, second = Recorder(), Recorder()
+    manager = manager_with(("recorder", first), ("off", Recorder()), blocked=["off"])
+    for name in ("recorder", "mask", "off"):  # registered, built-in, blocked
+        with pytest.raises(ValueError, match=f"a plugin named '{name}' is already listed"):
+            manager.register(second, name)
+    rows = {row["name"]: row["status"] for row in manager.describe()}
+    assert rows["recorder"] == "active" and rows["mask"] == "active" and rows["off"] == "blocked"
+    assert manager.pm.get_plugin("recorder") is first and not manager.report.failed

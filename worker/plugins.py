@@ -109,7 +109,9 @@ class Plugins:
         log.error("plugin %r failed to load and is skipped: %s", name, self.report.failed[name])
 
     def register(self, plugin: Any, name: str) -> None:
-        """Register a plugin object directly (tests, embedding applications)."""
+        """Register a plugin object directly (tests, embedding applications); a taken name is a ValueError."""
+        if self.pm.has_plugin(name) or name in self.report.failed or name in self.report.blocked:
+            raise ValueError(f"a plugin named {name!r} is already listed; register it under another name")
         if name in self.blocked:
             self.report.blocked.append(name)
             return
