@@ -154,3 +154,28 @@ def test_an_installed_tryfirst_plugin_runs_after_the_builtin_tryfirst_ones(runne
     order = [impl.plugin_name for impl in JobHooks(manager, [])._impls("inpaint_step_end")]
     # tryfirst ones in registration order (built-ins first), then the rest in registration order
     assert order == ["cancel", "deadline", "installed", "preview", "progress"]
+
+
+# --- mask ------------------------------------------------------------------------------------------------------
+
+
+def canvas_export(mode: str) -> Image.Image:
+    """A white stroke on a transparent background, as a browser canvas or an editor exports a mask."""
+    alpha = np.asarray(box_mask())
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([alpha, alpha, alpha, alpha]), "RGBA")
+    if mode == "LA":
+        return Image.fromarray(np.dstack([alpha, alpha]), "LA")
+    palette = Image.fromarray((alpha > 0).astype(np.uint8), "P")  # index 0 transparent black, 1 white
+    palette.putpalette([0, 0, 0, 255, 255, 255])
+    palette.info["transparency"] = 0
+    return palette
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_mask_with_a_transparent_background_repaints_only_its_stroke(runner, mode):
+    exported = canvas_export(mode)
+    assert exported.mode == mode
+    with_alpha = runner.run(plugins=NO_PASTE, mask_image=data_url(exported))
+    plain = runner.run(plugins=NO_PASTE, mask_image=data_url(box_mask()))
+    assert np.array_equal(runner.pixels(with_alpha), runner.pixels(plain))

@@ -200,6 +200,15 @@ def test_max_sequence_length_refuses_a_longer_prompt(runner):
     assert runner.run(prompt=long_prompt, max_sequence_length=60).images
 
 
+def test_a_long_negative_prompt_is_refused_only_when_true_cfg_would_encode_it(runner):
+    long_negative = " ".join(["blurry"] * 40)
+    with pytest.raises(InvalidRequest) as caught:
+        runner.run(negative_prompt=long_negative, true_cfg_scale=4.0, max_sequence_length=20)
+    assert caught.value.field == "negative_prompt"
+    result = runner.run(negative_prompt=long_negative, true_cfg_scale=1.0, max_sequence_length=20)
+    assert result.images and result.parameters.true_cfg is False
+
+
 def test_attention_kwargs_reach_the_transformer(runner, model):
     seen = []
     handle = model.pipe.transformer.register_forward_pre_hook(

@@ -261,3 +261,28 @@ def test_the_masked_image_is_not_encoded_for_nothing_and_the_result_is_upstreams
     finally:
         handle.remove()
     assert (ours - theirs).abs().max() < NOISE
+
+
+def test_a_thin_stroke_between_the_grids_samples_is_repainted(model):
+    """The model repaints cells of vae_scale_factor pixels; upstream samples one pixel a cell, so a stroke
+    between the samples came back as the encoded input, as with no mask at all. Every cell it touches is
+    repainted."""
+    from diffusers import QwenImageInpaintPipeline
+    from PIL import Image
+
+    from worker.pipeline import generator
+
+    f = model.pipe.vae_scale_factor
+    stroke = box_mask(64, 64, (0, 4 * f + 1, 64, 4 * f + 3))  # two rows between sampled rows
+    upstream = QwenImageInpaintPipeline(**model.pipe.components)
+    upstream.set_progress_bar_config(disable=True)
+
+    def final(pipe, mask):
+        return pipe(prompt="a scratch", image=photo(), mask_image=mask, height=64, width=64, num_inference_steps=4,
+                    strength=1.0, generator=generator(1), output_type="latent").images
+
+    nothing = Image.new("L", (64, 64), 0)
+    assert torch.equal(final(upstream, stroke), final(upstream, nothing))  # the stroke is ignored
+    repainted = (final(model.pipe, stroke) - final(model.pipe, nothing)).abs().amax(dim=-1)
+    cells = repainted.reshape(32 // f, 32 // f)  # packed: one token a 2x2 block of cells; row 2 holds the stroke
+    assert cells[2].min() > 0 and cells.sum() == cells[2].sum()  # the stroke's cells, and only those

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class InpaintPipeline(QwenImageInpaintPipeline):
-    """`QwenImageInpaintPipeline` with `latents` working as documented, a prompt cache, batched CFG, and
-    without upstream's unused VAE encode of the masked image.
+    """`QwenImageInpaintPipeline` with `latents` working as documented, every latent cell the mask touches
+    repainted, a prompt cache, batched CFG, and without upstream's unused VAE encode of the masked image.
 
     Upstream returns the given latents alone from `prepare_latents`, where the caller
     unpacks three values, so any `latents` argument crashes. Here given latents are the
@@ -78,13 +78,19 @@ class InpaintPipeline(QwenImageInpaintPipeline):
 
     def prepare_mask_latents(self, mask, masked_image, batch_size, num_channels_latents, num_images_per_prompt,
                              height, width, dtype, device, generator):
-        """Upstream's mask latents, without encoding the masked image: upstream encodes it with the VAE and
-        never reads the result (Qwen-Image's transformer takes no masked image), which costs one VAE encode
-        a call. A zero latent of the right shape takes its place (so `masked_image_latents` changes nothing,
-        as upstream)."""
-        shape = (1, self.latent_channels, 1, 2 * (int(height) // (self.vae_scale_factor * 2)),
-                 2 * (int(width) // (self.vae_scale_factor * 2)))
-        unused = torch.zeros(shape, device=device, dtype=dtype)
+        """Upstream's mask latents, with two changes.
+
+        Every latent cell the mask touches is repainted (max-pooling): upstream samples one pixel a cell
+        (nearest), so a stroke a few pixels wide between the samples was left as it was, the job reporting
+        success. A mask on the cell grid gives upstream's mask exactly.
+
+        The masked image is not encoded: upstream encodes it with the VAE and never reads the result
+        (Qwen-Image's transformer takes no masked image), which costs one VAE encode a call. A zero latent
+        of the right shape takes its place (so `masked_image_latents` changes nothing, as upstream).
+        """
+        h, w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (self.vae_scale_factor * 2))
+        mask = torch.nn.functional.adaptive_max_pool2d(mask, (h, w))  # upstream's resize is then the identity
+        unused = torch.zeros((1, self.latent_channels, 1, h, w), device=device, dtype=dtype)
         return super().prepare_mask_latents(mask, unused, batch_size, num_channels_latents, num_images_per_prompt,
                                             height, width, dtype, device, generator)
 

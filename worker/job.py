@@ -151,7 +151,7 @@ def check_ready(job: Job, model: LoadedModel) -> None:
     if not job.mask.convert("L").getbbox():
         raise InvalidRequest("mask_image", "the mask is empty (all black): nothing to repaint; white marks the area "
                              "to repaint")
-    for name in ("prompt", "negative_prompt"):
+    for name in ("prompt", "negative_prompt") if job.true_cfg else ("prompt",):  # an unused one is not encoded
         value = getattr(request, name)
         for text in [value] if isinstance(value, str) else value or []:
             tokens = count_prompt_tokens(model, text)

@@ -1,4 +1,5 @@
-"""Mask preparation: grayscale at the image's size, binarised (white = repaint), optionally grown."""
+"""Mask preparation: grayscale at the image's size, binarised (white = repaint, transparent = keep), optionally
+grown."""
 
 from __future__ import annotations
 
@@ -17,13 +18,26 @@ class Options(BaseModel):
 
 
 def prepare_mask(mask: Image.Image, size: tuple[int, int], options: Options) -> Image.Image:
-    gray = to_rgb(mask).convert("L") if mask.mode != "L" else mask
+    gray = to_gray(mask)
     if gray.size != size:  # documented: a mask of another size is stretched to the image's
         gray = gray.resize(size, Image.Resampling.BILINEAR)
     binary = gray.point(lambda v: 255 if v >= options.threshold else 0)
     if options.grow:
         binary = binary.filter(ImageFilter.MaxFilter(2 * options.grow + 1))
     return binary
+
+
+def to_gray(mask: Image.Image) -> Image.Image:
+    """8-bit gray, transparent pixels black (kept): a canvas export is a white stroke on transparent black,
+    as upstream's mask processor reads it (laid over white, it would repaint the whole image)."""
+    if mask.mode == "L":
+        return mask
+    if mask.mode == "P":
+        mask = mask.convert("RGBA")
+    if mask.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = mask.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
+    return to_rgb(mask).convert("L")  # 16-bit gray scaled, not clipped
 
 
 @hookimpl(tryfirst=True)
