@@ -46,6 +46,38 @@ def test_metrics_count_jobs_by_outcome_and_time_them(stack, client, worker):
     assert after["inpaint_model_load_seconds"] > 0
 
 
+def test_a_job_delivered_again_after_it_succeeded_is_not_counted_twice(stack, client, worker):
+    job_id = client.submit(job(stack))
+    assert client.wait(job_id, timeout=60).state == "SUCCESS"
+    before = scrape(worker.metrics_port)
+    client.app.send_task("inpaint", kwargs={"request": job(stack)}, task_id=job_id)  # as after a lost ack
+    client.wait(client.submit(job(stack)), timeout=60)  # one worker: the copy was taken before this one
+    after = scrape(worker.metrics_port)
+    assert after['inpaint_jobs_total{outcome="success"}'] - before['inpaint_jobs_total{outcome="success"}'] == 1
+    assert after["inpaint_job_duration_seconds_count"] - before["inpaint_job_duration_seconds_count"] == 1
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"INPAINT_MODEL": "/nonexistent/model"}, "/nonexistent/model"),
+    ({"INPAINT_OUTPUT_BUCKET": ""}, "INPAINT_OUTPUT_BUCKET"),
+])
+def test_a_worker_that_cannot_load_exits_saying_why_instead_of_failing_every_job(stack, client, env, named):
+    node = f"broken-{time.monotonic_ns()}@{socket.gethostname()}"
+    broken = stack.start_worker(node, **env)
+    try:
+        assert broken.process.wait(120) == 1  # launch restarts it with backoff; its health check never passes
+    finally:
+        broken.stop()
+    log = broken.log_path.read_text()
+    assert "worker cannot start and exits" in log and named in log, log[-2000:]
+
+
+def test_a_worker_logs_its_model_and_metrics_at_start(worker):
+    log = worker.log_path.read_text()
+    assert re.search(r"worker ready: model \S+ on cpu loaded in", log), log[-2000:]
+    assert f":{worker.metrics_port}/metrics" in log
+
+
 def test_json_logs_carry_the_job_id_on_every_line_of_a_job(stack, client, worker):
     job_id = client.submit(job(stack))
     assert client.wait(job_id, timeout=60).state == "SUCCESS"

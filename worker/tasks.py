@@ -57,10 +57,21 @@ def runtime() -> Runtime:
 
 @worker_init.connect
 def load_before_the_first_job(**_: Any) -> None:
+    """Load the model before taking a job; a worker that cannot exits (1) instead of failing every job.
+
+    Celery swallows what a signal handler raises, but not SystemExit. `launch` (or the container's restart
+    policy) starts it again with backoff, and the health check never sees it answer.
+    """
     settings = get_settings()
-    if settings.metrics_port:
-        metrics.serve(settings.metrics_port, settings.metrics_address)
-    runtime()
+    logs.configure(settings.log_format, settings.log_level)  # worker_init comes before Celery's setup_logging
+    try:
+        if settings.metrics_port:
+            metrics.serve(settings.metrics_port, settings.metrics_address)
+        runtime()
+    except Exception as error:
+        log.critical("worker cannot start and exits: %s: %s", type(error).__name__, error,
+                     exc_info=not isinstance(error, RuntimeError))
+        raise SystemExit(1) from None
 
 
 @app.task(name=TASK_NAME, bind=True, throws=(JobFailed,))  # expected failures: logged without a traceback
@@ -68,6 +79,10 @@ def inpaint(self: Any, request: dict) -> dict:
     job_id, started = self.request.id, time.time()
     token = logs.current_job.set(job_id)
     try:
+        done = self.AsyncResult(job_id)
+        if done.state == "SUCCESS":  # delivered again after it finished (its ack was lost): what it made
+            log.info("job already succeeded; its result is returned again, nothing is run or counted")
+            return done.result
         log.info("job started")
         waited = queue_wait(self.request).get("queue_wait_s")
         if waited is not None:
@@ -75,6 +90,9 @@ def inpaint(self: Any, request: dict) -> dict:
         result = run_job(self, job_id, request)
     except JobFailed as failed:
         metrics.job_ended(failed.code, time.time() - started)
+        raise
+    except Exception:
+        metrics.job_ended("internal", time.time() - started)
         raise
     else:
         metrics.job_ended("success", time.time() - started, result["timings"],
@@ -86,10 +104,7 @@ def inpaint(self: Any, request: dict) -> dict:
 
 
 def run_job(self: Any, job_id: str, request: dict) -> dict:
-    settings, done = get_settings(), self.AsyncResult(job_id)
-    if done.state == "SUCCESS":  # redelivered after it finished: hand back what it made
-        return done.result
-    redis = app.backend.client
+    settings, redis = get_settings(), app.backend.client
     try:
         if redis.exists(cancel_key(job_id)):
             raise Cancelled("cancelled before it started")
