@@ -35,9 +35,24 @@ REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(?::?[-?])[^}]*)?\}")
 ONLY_A_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?][^}]*)?\}$")
 URL_PASSWORD = re.compile(r"://[^/@:\s]*:([^@\s]*)@")
 DOCUMENTED = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
+QUOTED_SETTING = re.compile(r"""["'](INPAINT_[A-Z0-9_]+)["']""")
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+def variables_read_by_code() -> set[str]:
+    """INPAINT_* names that code under worker/ and plugins/ reads from the environment itself, not through Settings:
+    every quoted name in a module that reads os.environ (`os.environ.get("INPAINT_AUTO_CROP")`, or a constant such as
+    `ENV_SECRET = "INPAINT_WEBHOOK_SECRET"` read with `os.environ.get(ENV_SECRET)`)."""
+    names = set()
+    for path in sorted((ROOT / "worker").rglob("*.py")) + sorted((ROOT / "plugins").rglob("*.py")):
+        if {"tests", "build", "__pycache__"} & set(path.relative_to(ROOT).parts):
+            continue
+        text = path.read_text()
+        if "os.environ" in text or "getenv(" in text:
+            names |= set(QUOTED_SETTING.findall(text))
+    return names
+
 
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
@@ -287,8 +302,8 @@ def test_the_example_worker_settings_are_valid_and_every_setting_can_be_set_from
     from worker.settings import Settings
 
     example = {name: value for name, value in env_example().items() if name.startswith("INPAINT_")}
-    fields = {name.removeprefix("INPAINT_").lower() for name in example}
-    assert sorted(fields - set(Settings.model_fields)) == [], "not a worker setting (README, Configuration)"
+    known = {f"INPAINT_{field.upper()}" for field in Settings.model_fields} | variables_read_by_code()
+    assert sorted(set(example) - known) == [], "not a worker setting (README, Configuration) nor read by a plugin"
     passed = set(environment(services()["worker"]))
     configurable = {f"INPAINT_{field.upper()}" for field in Settings.model_fields} - {"INPAINT_CACHE_DIR"}
     assert sorted(configurable - passed) == [], "settings the compose file does not pass to the workers"
@@ -300,6 +315,16 @@ def test_the_example_worker_settings_are_valid_and_every_setting_can_be_set_from
     settings = Settings()  # the worker's own validation, e.g. visibility timeout > deadline cap + uploads
     assert settings.model == "Qwen/Qwen-Image"
     assert settings.output_bucket == env_example()["INPAINT_OUTPUT_BUCKET"]
+
+
+def test_compose_passes_the_workers_every_variable_their_plugins_read_from_the_environment():
+    # compose gives a container only the variables its environment names: one missing from the list is silently
+    # ignored when the operator sets it in docker/.env (a watermark that never shows, unsigned webhooks)
+    read = variables_read_by_code()
+    assert {"INPAINT_AUTO_CROP", "INPAINT_WATERMARK_TEXT", "INPAINT_WEBHOOK_SECRET"} <= read, "the scan finds nothing"
+    for name in ("worker", "worker-gpu0"):
+        passed = set(environment(services()[name]))
+        assert sorted(read - passed) == [], f"read by the workers' code but not passed to {name} by compose.yaml"
 
 
 def test_the_stop_grace_period_covers_the_longest_job_so_upgrades_shut_down_warmly():

@@ -287,3 +287,31 @@ def test_load_tensor_rejects_garbage(torch_save, data):
     with pytest.raises(InvalidRequest) as caught:
         load_tensor(data, "negative_prompt_embeds")
     assert_invalid(caught, "negative_prompt_embeds", "not a readable .safetensors file")
+
+
+# --- StorageFetcher: s3:// ---------------------------------------------------------------------------------------
+
+
+def test_an_s3_input_on_an_unreachable_endpoint_is_a_storage_error_naming_the_field(monkeypatch):
+    """Reads that fail on every try (the endpoint is down) still tell the user which input could not be read."""
+    import socket
+
+    from worker.errors import StorageError
+    from worker.settings import Settings
+    from worker.storage import StorageFetcher
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "KEYID456", "AWS_SECRET_ACCESS_KEY": "SECRET789",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as closed:  # a loopback port nothing listens on: connections are refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    settings = Settings(s3_endpoint_url=f"http://127.0.0.1:{port}", input_buckets=["uploads"], storage_attempts=2,
+                        storage_backoff_s=0)
+    with pytest.raises(StorageError) as caught:
+        StorageFetcher(settings).fetch("s3://uploads/house-mask.png", "mask_image")
+    error = caught.value
+    assert error.code == "storage_error"
+    assert error.field == "mask_image" and error.to_dict()["field"] == "mask_image"
+    assert error.message.startswith("mask_image: ") and "s3://uploads/house-mask.png" in error.message
+    assert "SECRET789" not in error.message and "KEYID456" not in error.message

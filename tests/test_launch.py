@@ -20,6 +20,20 @@ def test_plan_pins_one_worker_per_gpu_and_names_it():
     assert [s.node for s in cpu] == ["cpu0@%h", "cpu1@%h"] and cpu[0].env["INPAINT_DEVICE"] == "cpu"
 
 
+def test_each_pinned_gpu_worker_uses_its_gpu_whatever_cuda_index_inpaint_device_names(monkeypatch):
+    # cuda:1 is right for one worker started by hand; a worker pinned to one GPU sees it as cuda:0 and no cuda:1
+    from worker.settings import Settings
+
+    monkeypatch.setenv("INPAINT_DEVICE", "cuda:1")
+    for slot in plan(["0", "1"], cpu_workers=0):
+        with monkeypatch.context() as worker:
+            for name, value in slot.env.items():  # the worker's environment: launch's own plus the slot's
+                worker.setenv(name, value)
+            assert Settings().device == "cuda", slot.node
+    for slot in plan([], cpu_workers=2):
+        assert slot.env["INPAINT_DEVICE"] == "cpu" and slot.env["CUDA_VISIBLE_DEVICES"] == ""
+
+
 def test_visible_gpus_respects_cuda_visible_devices(monkeypatch):
     from worker.launch import visible_gpus
 

@@ -24,8 +24,8 @@ from PIL import Image
 
 from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
 from .inputs import Fetcher, decode_image, load_tensor
-from .io_pool import at_once
-from .outputs import CONTENT_TYPES, EXTENSIONS, OutputSink, encode_output, put_all
+from .io_pool import at_once, retry_until
+from .outputs import CONTENT_TYPES, EXTENSIONS, MAX_SIDE, OutputSink, encode_output, put_all, remove
 from .pipeline import LoadedModel, count_prompt_tokens, generator
 from .plugins import JobHooks, Plugins
 from .schema import EffectiveParameters, ImageOutput, InpaintRequest, InpaintResult, Limits, parse_request, redacted
@@ -48,7 +48,8 @@ class Job:
     limits: Limits
     tracker: Tracker
     deadline_s: float
-    deadline: float
+    deadline: float  # time.monotonic() after which denoising stops
+    stop_at: float  # the deadline plus INPAINT_DEADLINE_MARGIN_S: no output is written, nor a retry started, after it
     plugin_options: dict[str, Any]
     plugins: list[str]
     params: dict[str, Any]
@@ -94,6 +95,7 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
     job.worker = {"node": socket.gethostname(), **(worker or {})}
     job.pipe, job.sink = model.pipe, sink
     hooks = plugins.for_job([name for name, on in job.request.plugins.items() if on is False])
+    retrying = retry_until.set(job.stop_at)
     try:
         job.tracker.enter("fetching")
         load_inputs(job, fetcher)
@@ -111,6 +113,8 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
         error = as_job_error(raised, model)
         hooks.notify("inpaint_job_failed", job=job, error=error)  # a raising hook never hides the job's error
         raise error from raised
+    finally:
+        retry_until.reset(retrying)
 
 
 def start(request: InpaintRequest, model: LoadedModel, plugins: Plugins, settings: Settings, tracker: Tracker,
@@ -122,7 +126,8 @@ def start(request: InpaintRequest, model: LoadedModel, plugins: Plugins, setting
     deadline_s = request.deadline_s or settings.max_deadline_s
     params = {name: getattr(request, name) for name in PIPELINE_FIELDS}
     return Job(id=job_id or request.job_id or uuid.uuid4().hex, request=request, limits=limits, tracker=tracker,
-               deadline_s=deadline_s, deadline=tracker.started + deadline_s, plugin_options=options,
+               deadline_s=deadline_s, deadline=tracker.started + deadline_s,
+               stop_at=tracker.started + deadline_s + settings.deadline_margin_s, plugin_options=options,
                plugins=[name for name in plugins.names if request.plugin_enabled(name)], params=params)
 
 
@@ -145,6 +150,10 @@ def check_ready(job: Job, model: LoadedModel) -> None:
     for name, value in (("width", width), ("height", height)):
         if value % model.size_factor:
             raise InvalidRequest(name, f"{value} is not a multiple of {model.size_factor} (the model's size factor)")
+    side = MAX_SIDE.get(request.output_type)
+    if side and max(width, height) > side:
+        raise InvalidRequest("width" if width > side else "height", f"{max(width, height)} px is over what "
+                             f"{request.output_type} can hold ({side} px a side); choose output_type png")
     if job.image.mode != "RGB":
         raise InvalidRequest("image", f"mode {job.image.mode} reached the pipeline; the normalize plugin converts "
                              "to RGB (is it blocked?)")
@@ -327,9 +336,9 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
     if len(images) != job.image_count:
         raise InternalError(f"postprocess hooks returned {len(images)} images for {job.image_count}")
     content_type, extension = CONTENT_TYPES[request.output_type], EXTENSIONS[request.output_type]
-    addresses = put_all(sink, [(f"{index}.{extension}", encode_output(image, request.output_type,
-                                                                       request.output.quality), content_type)
-                               for index, image in enumerate(images)])
+    names = [f"{index}.{extension}" for index in range(len(images))]
+    addresses = put_all(sink, [(name, encode_output(image, request.output_type, request.output.quality), content_type)
+                               for name, image in zip(names, images, strict=True)])
     outputs = []
     for index, (image, (prompt_index, seed), (location, url)) in enumerate(zip(images, job.items, addresses,
                                                                                 strict=True)):
@@ -351,7 +360,11 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
     )
     record = {**result.model_dump(mode="json"), "request": redacted(request.model_dump(mode="json",
                                                                                         exclude_none=True))}
-    sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])
+    try:
+        sink.put("result.json", json.dumps(record, indent=2).encode(), CONTENT_TYPES["json"])
+    except Exception:
+        remove(sink, names)  # no images without their record
+        raise
     return result
 
 

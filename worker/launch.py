@@ -49,8 +49,9 @@ def worker_command(node: str, queue: str, loglevel: str = "INFO") -> list[str]:
 
 
 def plan(gpus: list[str], cpu_workers: int, metrics_port: int | None = None) -> list[Slot]:
-    if gpus:
-        slots = [Slot(f"gpu{i}@%h", {"CUDA_VISIBLE_DEVICES": gpu}) for i, gpu in enumerate(gpus)]
+    if gpus:  # a pinned worker sees only its GPU, as cuda:0: an INPAINT_DEVICE of cuda:1 would name none there
+        slots = [Slot(f"gpu{i}@%h", {"CUDA_VISIBLE_DEVICES": gpu, "INPAINT_DEVICE": "cuda"})
+                 for i, gpu in enumerate(gpus)]
     else:  # CPU workers share the cores instead of each starting a thread per core
         threads = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))
         slots = [Slot(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "INPAINT_DEVICE": "cpu", "OMP_NUM_THREADS": threads})

@@ -56,4 +56,4 @@ def configure(fmt: str = "text", level: str | int = "INFO") -> None:
                          TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper() if isinstance(level, str) else level)  # logging knows "DEBUG", not "debug"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -9,9 +10,17 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# what both kombu (the broker) and Celery (the result backend) take for Redis; they know no unix://
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INPAINT_", extra="ignore", hide_input_in_errors=True)  # secrets
+    model_config = SettingsConfigDict(
+        env_prefix="INPAINT_", extra="ignore",
+        hide_input_in_errors=True,  # secrets: URLs with passwords
+        allow_inf_nan=False,  # e.g. a visibility timeout of inf: Redis would never hand a dead worker's job on
+    )
 
     model: str | None = Field(
         None,
@@ -79,10 +88,12 @@ class Settings(BaseSettings):
     )
     input_max_bytes: int = Field(50_000_000, gt=0, description="Largest input object read from S3 or https")
     presign_expiry_s: int = Field(3600, gt=0, description="Lifetime of the presigned URLs in results")
-    storage_attempts: int = Field(5, ge=1, description="Tries of each S3 call before storage_error")
+    storage_attempts: int = Field(5, ge=1, description="Tries of each S3 call and https input before storage_error")
     storage_backoff_s: float = Field(0.5, ge=0, description="First wait between S3 tries; doubles each time")
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines: text, or one JSON object each")
-    log_level: str = Field("INFO", description="Worker log level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Worker log level, in any case: DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Serve Prometheus metrics here; launch gives worker i this port + i"
     )
@@ -115,6 +126,40 @@ class Settings(BaseSettings):
             raise ValueError("INPAINT_FP8 and INPAINT_OFFLOAD=sequential exclude each other: sequential offload "
                              "keeps a module's buffers (the float8 weights) on the GPU; use INPAINT_OFFLOAD=model")
         return self
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_log_level(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level: use {', '.join(LOG_LEVELS)} (in any case)")
+        return level
+
+    @field_validator("result_backend", mode="before")
+    @classmethod
+    def _empty_backend_is_the_broker(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value  # INPAINT_RESULT_BACKEND= in a .env
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is None or value.startswith(REDIS_SCHEMES):
+            return value
+        # only the scheme is shown: the rest of the URL may hold a password
+        scheme = re.match(r"[a-z][a-z0-9+.-]{0,15}(?=://)", value)
+        found = f"scheme {scheme.group(0)}://" if scheme else "no scheme"
+        raise ValueError(f"must be a Redis URL starting with {', '.join(REDIS_SCHEMES)}, not one with {found} "
+                         "(a Unix socket: redis+socket:///path/to/redis.sock)")
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, value: str) -> str:
+        if not value or re.search(r"[\s,]", value):
+            raise ValueError("must be a queue name: not empty, no spaces or commas (workers take a comma-separated "
+                             "list of queues)")
+        return value
 
     @property
     def backend_url(self) -> str:

@@ -7,12 +7,13 @@ a missing object or a forbidden bucket is not.
 
 from __future__ import annotations
 
+import http.client
 import logging
+import ssl
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import boto3
 from botocore.config import Config
@@ -20,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import InputForbidden, InputNotFound, InvalidRequest, StorageError
 from .inputs import read_data_url
+from .io_pool import time_for_retry
 from .schema import redacted_reference
 from .settings import Settings
 
@@ -33,7 +35,8 @@ FORBIDDEN = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAc
 
 
 def s3_client(settings: Settings) -> Any:
-    config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+    # a try waits at most 5 s to connect and 30 s for each reply (a PUT may wait twice: 100-continue, then the answer)
+    config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=30,
                     signature_version="s3v4")
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
 
@@ -47,7 +50,8 @@ def parse_s3(ref: str, field: str) -> tuple[str, str]:
 
 
 def with_retries(settings: Settings, what: str, call: Callable[[], T]) -> T:
-    """Run an S3 call, retrying connection errors and 5xx with exponential backoff, a bounded number of times."""
+    """Run an S3 call, retrying connection errors and 5xx with exponential backoff, a bounded number of times,
+    and never past the running job's deadline plus margin (`io_pool.retry_until`)."""
     wait = settings.storage_backoff_s
     for attempt in range(1, settings.storage_attempts + 1):
         try:
@@ -62,6 +66,9 @@ def with_retries(settings: Settings, what: str, call: Callable[[], T]) -> T:
             problem = type(error).__name__
         if attempt == settings.storage_attempts:
             raise StorageError(f"{what} failed after {attempt} tries: {problem}")
+        if not time_for_retry(wait):
+            raise StorageError(f"{what} failed after {attempt} tries: {problem}; no time left for another before "
+                               "the job's deadline (and INPAINT_DEADLINE_MARGIN_S)")
         log.warning("%s failed (%s); try %d of %d in %.1f s", what, problem, attempt + 1, settings.storage_attempts,
                     wait)
         time.sleep(wait)
@@ -111,26 +118,126 @@ class StorageFetcher:
                 raise StorageError(f"{field}: reading {ref}: S3 refused this worker's credentials ({code}); "
                                    "the operator's S3 settings need fixing", field=field) from None
             raise InputForbidden(f"{field}: reading {ref} was refused ({code})", field=field) from None
+        except StorageError as error:  # every try failed (endpoint unreachable, 5xx): say which input
+            if error.field:
+                raise
+            raise StorageError(f"{field}: {error.message}", field=field) from None
 
     def _fetch_https(self, ref: str, field: str) -> bytes:
-        host = urlsplit(ref).hostname or ""
+        shown = shown_url(ref)  # signed URLs carry their signature in the query
+        parts = parse_https(ref, field, shown)
+        host = parts.hostname or ""
         if host not in self.settings.http_allow:
             raise InputForbidden(f"{field}: host {host!r} is not on the allow-list (INPAINT_HTTP_ALLOW)", field=field)
         refuse_internal_address(host, field)
-        opener = urllib.request.build_opener(NoRedirects)
-        shown = redacted_reference(ref)  # signed URLs carry their signature in the query
-        try:
-            with opener.open(ref, timeout=30) as response:
-                data = response.read(self.settings.input_max_bytes + 1)
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                raise InputNotFound(f"{field}: {shown} answered 404", field=field) from None
-            raise InputForbidden(f"{field}: {shown} answered HTTP {error.code}", field=field) from None
-        except OSError as error:
-            raise StorageError(f"{field}: fetching {shown} failed: {error}", field=field) from None
-        if len(data) > self.settings.input_max_bytes:
-            raise InvalidRequest(field, f"over the {self.settings.input_max_bytes}-byte cap")
-        return data
+        deadline = time.monotonic() + HTTPS_FETCH_TIMEOUT_S
+        attempts, wait = self.settings.storage_attempts, self.settings.storage_backoff_s
+        for attempt in range(1, attempts + 1):
+            status, data = https_get(parts, field, shown, deadline, self.settings.input_max_bytes)
+            if 200 <= status < 300:
+                return data
+            if status == 404:
+                raise InputNotFound(f"{field}: {shown} answered 404", field=field)
+            if 300 <= status < 400:
+                raise InputForbidden(f"{field}: {shown} answered HTTP {status}; redirects are not followed",
+                                     field=field)
+            if status not in HTTPS_RETRIED_STATUSES and status < 500:
+                raise InputForbidden(f"{field}: {shown} answered HTTP {status}", field=field)
+            if attempt == attempts or time.monotonic() + wait >= deadline or not time_for_retry(wait):
+                tries = "1 try" if attempt == 1 else f"{attempt} tries"
+                raise StorageError(f"{field}: {shown} answered HTTP {status} after {tries}, a problem on the "
+                                   "server's side; try again later", field=field)
+            log.warning("%s: %s answered HTTP %d; try %d of %d in %.1f s", field, shown, status, attempt + 1,
+                        attempts, wait)
+            time.sleep(wait)
+            wait *= 2
+        raise AssertionError("unreachable")
+
+
+# a whole https download, however slowly the server sends it (the socket timeout bounds each read only)
+HTTPS_FETCH_TIMEOUT_S = 60.0
+HTTPS_READ_TIMEOUT_S = 30.0  # connecting, or waiting for the next bytes
+HTTPS_CHUNK_BYTES = 64 * 1024
+HTTPS_RETRIED_STATUSES = {408, 429}  # and every 5xx: the server's passing trouble, not the request's
+
+
+def shown_url(ref: str) -> str:
+    """The URL as errors and logs may show it: without query, fragment or credentials, even when it is malformed."""
+    try:
+        return redacted_reference(ref)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        scheme, _, rest = ref.split("?", 1)[0].split("#", 1)[0].partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+def parse_https(ref: str, field: str, shown: str) -> SplitResult:
+    """An https URL that can be sent as it is; anything else is the request's mistake, told without its query."""
+    bad = next((index for index, char in enumerate(ref) if not "!" <= char <= "~"), None)
+    if bad is not None:
+        raise InvalidRequest(field, f"{shown!r} is not a valid URL: character {bad + 1} is a space, a control "
+                             "character or not ASCII; percent-encode it (a space is %20)")
+    try:
+        parts = urlsplit(ref)
+        _ = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise InvalidRequest(field, f"{shown!r} is not a valid URL: its host or port cannot be read (a port is "
+                             "a number up to 65535)") from None
+    if not parts.hostname:
+        raise InvalidRequest(field, f"{shown!r} is not a valid URL: it names no host")
+    return parts
+
+
+def https_get(parts: SplitResult, field: str, shown: str, deadline: float, max_bytes: int) -> tuple[int, bytes]:
+    """One GET, no redirects followed: the status, and for a 2xx the whole body, checked against Content-Length."""
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
+                                             timeout=time_left(deadline, field, shown),
+                                             context=ssl.create_default_context())
+    chunks: list[bytes] = []
+    try:
+        connection.request("GET", target, headers={"User-Agent": "qwen-inpaint-worker"})
+        sock = connection.sock  # kept: getresponse() drops it from the connection when the server will close
+        sock.settimeout(time_left(deadline, field, shown))
+        response = connection.getresponse()
+        if not 200 <= response.status < 300:
+            return response.status, b""
+        expected = response.length  # Content-Length, when the server sent one
+        if expected is not None and expected > max_bytes:
+            raise InvalidRequest(field, f"{shown} is {expected} bytes, over the {max_bytes}-byte cap")
+        received = 0
+        while True:
+            sock.settimeout(time_left(deadline, field, shown))
+            chunk = response.read1(HTTPS_CHUNK_BYTES)  # what has arrived, not a full chunk: a trickle is seen
+            if not chunk:
+                break
+            received += len(chunk)
+            if received > max_bytes:
+                raise InvalidRequest(field, f"{shown} is over the {max_bytes}-byte cap")
+            chunks.append(chunk)
+    except TimeoutError:
+        if time.monotonic() >= deadline:
+            raise too_slow(field, shown) from None
+        raise StorageError(f"{field}: fetching {shown} failed: no data for {HTTPS_READ_TIMEOUT_S:g} s",
+                           field=field) from None
+    except (OSError, http.client.HTTPException, ValueError) as error:  # str(error) may quote the URL
+        raise StorageError(f"{field}: fetching {shown} failed: {type(error).__name__}", field=field) from None
+    finally:
+        connection.close()
+    if expected is not None and received < expected:
+        raise StorageError(f"{field}: fetching {shown} failed: the connection closed after {received} of {expected} "
+                           "bytes", field=field)
+    return response.status, b"".join(chunks)
+
+
+def time_left(deadline: float, field: str, shown: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise too_slow(field, shown)
+    return min(left, HTTPS_READ_TIMEOUT_S)
+
+
+def too_slow(field: str, shown: str) -> StorageError:
+    return StorageError(f"{field}: fetching {shown} took over {HTTPS_FETCH_TIMEOUT_S:g} s; gave up", field=field)
 
 
 def refuse_internal_address(host: str, field: str) -> None:
@@ -146,13 +253,6 @@ def refuse_internal_address(host: str, field: str) -> None:
         ip = ipaddress.ip_address(address.split("%")[0])
         if not ip.is_global:
             raise InputForbidden(f"{field}: {host!r} resolves to {ip}, an internal address", field=field)
-
-
-class NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect could lead off the allow-list: refuse it."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 class S3Sink:
@@ -175,3 +275,11 @@ class S3Sink:
         url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
                                                  ExpiresIn=self.settings.presign_expiry_s)
         return f"s3://{self.bucket}/{key}", url
+
+    def delete(self, names: list[str]) -> None:
+        """Remove what a failed job stored (one request, one try): a failure is the caller's to log."""
+        objects = [{"Key": f"{self.prefix}/{name}"} for name in names]
+        answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+        if answer.get("Errors"):
+            raise StorageError(f"deleting from s3://{self.bucket}/{self.prefix}/ failed: "
+                               f"{sorted({error.get('Code') for error in answer['Errors']})}")

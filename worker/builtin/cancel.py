@@ -2,7 +2,8 @@
 
 Cooperative by design: Celery's revoke does not stop a running task in any pool, and
 diffusers' `_interrupt` still decodes. Raising here ends the job before its images and `result.json`
-are written (previews stored at earlier steps stay where they are).
+are written (previews stored at earlier steps stay where they are); a cancel that comes during the
+last step or decoding is seen before postprocessing.
 """
 
 from __future__ import annotations
@@ -15,3 +16,9 @@ from ..hooks import hookimpl
 def inpaint_step_end(job, step: int, total_steps: int) -> None:
     if job.cancel_requested():
         raise Cancelled(f"cancelled at step {step} of {total_steps}; no result was written")
+
+
+@hookimpl(tryfirst=True)
+def inpaint_postprocess(job) -> None:
+    if job.cancel_requested():  # asked for during the last step or decoding: still nothing is written
+        raise Cancelled("cancelled after denoising; no result was written")

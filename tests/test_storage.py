@@ -1,0 +1,64 @@
+"""What a job leaves in S3 (moto's server, through boto3) when storing its outputs fails, and how long it tries."""
+
+from __future__ import annotations
+
+import pytest
+from support import data_url, photo
+
+from worker import job
+from worker.errors import JobError, StorageError
+from worker.inputs import LocalFetcher
+from worker.stack import free_port
+from worker.storage import S3Sink, s3_client
+
+
+class RefusingSink(S3Sink):
+    """The real S3 sink, with one object's write refused (a fault the test injects: S3 stays real)."""
+
+    def __init__(self, refused: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refused = refused
+
+    def put(self, name: str, data: bytes, content_type: str):
+        if name == self.refused:
+            raise StorageError(f"writing s3://{self.bucket}/{self.prefix}/{name} failed after 5 tries: SlowDown")
+        return super().put(name, data, content_type)
+
+
+def run(runner, settings, sink, **fields):
+    return job.run(runner.request(**fields), model=runner.model, plugins=runner.plugins,
+                   fetcher=LocalFetcher(settings.data_url_max_bytes), sink=sink, settings=settings)
+
+
+def stored(stack, job_id: str) -> list[str]:
+    listing = stack.s3.client().list_objects_v2(Bucket="outputs", Prefix=f"jobs/{job_id}/")
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+@pytest.mark.parametrize("refused", ["1.png", "result.json"])
+def test_a_job_that_fails_while_storing_leaves_no_outputs_behind(stack, runner, refused):
+    settings = stack.settings(model=runner.settings.model)
+    job_id = f"partial-{refused.split('.')[0]}"
+    sink = RefusingSink(refused, settings, job_id, "outputs", "jobs", stack.s3.client())
+    with pytest.raises(JobError) as caught:
+        run(runner, settings, sink, num_images_per_prompt=3, job_id=job_id)
+    assert caught.value.code == "storage_error" and refused in caught.value.message
+    assert stored(stack, job_id) == []  # the images that were stored are removed: nothing lists them
+
+
+def test_storage_retries_stop_at_the_jobs_deadline_plus_margin(runner, monkeypatch):
+    """S3 unreachable with a budget of 40 tries: the job stops retrying when its deadline and margin are spent,
+    so it cannot outlive Redis's visibility timeout and be handed to a second worker while it still runs."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    settings = runner.settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}",
+                                                  "storage_attempts": 40, "storage_backoff_s": 0.2,
+                                                  "deadline_margin_s": 1.0})
+    sink = S3Sink(settings, "late-1", "outputs", "jobs", s3_client(settings))
+    with pytest.raises(StorageError) as caught:
+        run(runner, settings, sink, image=data_url(photo()), deadline_s=4)
+    message = caught.value.message
+    assert "no time left for another before the job's deadline" in message, message
+    tries = int(message.split("failed after ")[1].split(" tries")[0])
+    assert 2 <= tries <= 6  # 0.2 + 0.4 + 0.8 + 1.6 s of waits fit in 5 s; 40 tries would take days
