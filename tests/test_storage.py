@@ -20,7 +20,7 @@ class RefusingSink(S3Sink):
         self.refused = refused
 
     def put(self, name: str, data: bytes, content_type: str):
-        if name == self.refused:
+        if name.startswith(self.refused):
             raise StorageError(f"writing s3://{self.bucket}/{self.prefix}/{name} failed after 5 tries: SlowDown")
         return super().put(name, data, content_type)
 
@@ -44,6 +44,15 @@ def test_a_job_that_fails_while_storing_leaves_no_outputs_behind(stack, runner, 
         run(runner, settings, sink, num_images_per_prompt=3, job_id=job_id)
     assert caught.value.code == "storage_error" and refused in caught.value.message
     assert stored(stack, job_id) == []  # the images that were stored are removed: nothing lists them
+
+
+def test_a_preview_that_cannot_be_stored_stops_previews_not_the_job(stack, runner, caplog):
+    settings = stack.settings(model=runner.settings.model)
+    sink = RefusingSink("previews/", settings, "previewless", "outputs", "jobs", stack.s3.client())
+    result = run(runner, settings, sink, preview_every=1, job_id="previewless")
+    assert [image.location for image in result.images] == ["s3://outputs/jobs/previewless/0.png"]
+    assert stored(stack, "previewless") == ["jobs/previewless/0.png", "jobs/previewless/result.json"]
+    assert len([r for r in caplog.records if "previews stop" in r.message]) == 1  # tried once, not every step
 
 
 def test_storage_retries_stop_at_the_jobs_deadline_plus_margin(runner, monkeypatch):

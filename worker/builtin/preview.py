@@ -8,12 +8,16 @@ per preview is a matrix product on the latent grid; bench/preview.py measures it
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import torch
 from PIL import Image
 
+from ..errors import StorageError
 from ..hooks import hookimpl
+
+log = logging.getLogger(__name__)
 
 PREVIEW_WIDTH = 256
 _maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -49,10 +53,15 @@ def render_preview(pipe: Any, latents: torch.Tensor, height: int, width: int) ->
 @hookimpl
 def inpaint_step_end(job: Any, step: int, total_steps: int, latents: torch.Tensor) -> None:
     every = job.request.preview_every
-    if not every or (step % every and step != total_steps) or job.sink is None:
+    if not every or (step % every and step != total_steps) or job.sink is None or job.state.get("previews_failed"):
         return
     image = render_preview(job.pipe, latents, job.params["height"], job.params["width"])
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)
-    location, url = job.sink.put(f"previews/{job.image_index}-{step:04d}.jpg", buffer.getvalue(), "image/jpeg")
+    try:
+        location, url = job.sink.put(f"previews/{job.image_index}-{step:04d}.jpg", buffer.getvalue(), "image/jpeg")
+    except StorageError as error:  # a preview is a nicety: the job goes on, without further previews
+        job.state["previews_failed"] = True
+        log.warning("previews stop for this job: %s", error)
+        return
     job.tracker.preview(url or location)
