@@ -34,6 +34,15 @@ def test_each_pinned_gpu_worker_uses_its_gpu_whatever_cuda_index_inpaint_device_
         assert slot.env["INPAINT_DEVICE"] == "cpu" and slot.env["CUDA_VISIBLE_DEVICES"] == ""
 
 
+def test_launch_refuses_metrics_ports_past_65535_before_starting_a_worker(monkeypatch, caplog):
+    from worker.launch import launch
+    from worker.settings import Settings
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert launch(Settings(metrics_port=65535), cpu_workers=2) == 2  # worker 1 would need port 65536 and crash-loop
+    assert "INPAINT_METRICS_PORT=65535" in caplog.text and "up to 65536" in caplog.text
+
+
 def test_visible_gpus_respects_cuda_visible_devices(monkeypatch):
     from worker.launch import visible_gpus
 

@@ -68,6 +68,10 @@ def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0
     if not slots:
         log.error("no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi); use --cpu-workers N to run on the CPU")
         return 2
+    if settings.metrics_port and settings.metrics_port + len(slots) - 1 > 65535:
+        log.error("INPAINT_METRICS_PORT=%d: worker i serves metrics on this port + i, and %d workers need ports up "
+                  "to %d (at most 65535)", settings.metrics_port, len(slots), settings.metrics_port + len(slots) - 1)
+        return 2
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
