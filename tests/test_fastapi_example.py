@@ -130,12 +130,24 @@ def test_events_stream_progress_then_done(stack, worker, http):
     assert final["result"]["images"][0]["url"].startswith("http")
 
 
-def test_the_events_stream_is_bounded_by_its_timeout(http):
-    # nobody submitted this id: it reads PENDING until the stream gives up
+def test_the_events_stream_is_bounded_by_its_timeout(http, stack):
+    job_id = submit(http, stack, num_inference_steps=40, strength=1.0, plugins=SLOW)  # 6 s of steps
     started = time.monotonic()
-    events = sse(http.get(f"/jobs/never-{time.monotonic_ns()}/events", params={"timeout": 0.5}).text)
+    events = sse(http.get(f"/jobs/{job_id}/events", params={"timeout": 0.5}).text)
     assert time.monotonic() - started < 10
-    assert [name for name, _ in events] == ["timeout"] and events[0][1]["state"] == "PENDING"
+    assert events[-1][0] == "timeout" and events[-1][1]["state"] in ("PENDING", "STARTED", "PROGRESS"), events
+    assert http.delete(f"/jobs/{job_id}").status_code == 202  # it stops within a step: the next test is not held up
+    assert poll(http, job_id, done)["error"]["code"] == "cancelled"
+
+
+def test_an_id_nobody_submitted_is_not_found_where_a_queued_one_is_pending(http, client, stack):
+    unknown = f"never-{time.monotonic_ns()}"
+    for path in (f"/jobs/{unknown}", f"/jobs/{unknown}/events"):
+        response = http.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"] == {"code": "not_found", "field": "job_id",
+                                            "message": f"no job {unknown!r} was submitted (or it expired)"}
+    assert client.status(unknown).submitted is False and client.status(unknown).state == "PENDING"
 
 
 def test_importing_the_app_imports_no_torch_and_connects_to_nothing():
@@ -159,7 +171,8 @@ def dead_client():
 
 def test_redis_down_is_a_503_within_seconds_not_a_hang():
     with TestClient(create_app(dead_client())) as down:
-        for method, path in (("GET", "/jobs/order-1"), ("DELETE", "/jobs/order-1"), ("POST", "/jobs")):
+        for method, path in (("GET", "/jobs/order-1"), ("DELETE", "/jobs/order-1"), ("POST", "/jobs"),
+                             ("GET", "/jobs/order-1/events")):  # a stream not yet started answers 503 too
             started = time.monotonic()
             response = down.request(method, path, json={"prompt": "x", "image": "s3://inputs/a.png",
                                                         "mask_image": "s3://inputs/b.png"})
@@ -168,8 +181,6 @@ def test_redis_down_is_a_503_within_seconds_not_a_hang():
             error = response.json()["error"]
             assert error["code"] == "unavailable" and "cannot reach Redis" in error["message"]
             assert "pw-Zq9" not in response.text
-        events = sse(down.get("/jobs/order-1/events", params={"timeout": 5}).text)
-        assert [name for name, _ in events] == ["error"] and events[0][1]["code"] == "unavailable"
 
 
 def test_an_idempotency_key_with_a_trailing_newline_is_refused():

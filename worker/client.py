@@ -63,6 +63,9 @@ class RedisUnavailable(ConnectionError):
 class JobStatus(BaseModel):
     job_id: str
     state: str  # PENDING (queued, or an id never submitted), STARTED, PROGRESS, SUCCESS, FAILURE
+    # False: no InpaintClient.submit of this id in the last result_expires_s, so a PENDING id is unknown (or was
+    # sent with plain send_task and waits in the queue); always True once the job has a state of its own
+    submitted: bool = True
     progress: Progress | None = None
     result: InpaintResult | None = None
     error: dict[str, Any] | None = None  # code, message, and field or plugin when known
@@ -154,7 +157,10 @@ class InpaintClient:
             meta = self.app.backend.get_task_meta(job_id)
         state, info = meta["status"], meta.get("result")
         status = JobStatus(job_id=job_id, state=state)
-        if state == "PROGRESS" and isinstance(info, dict):
+        if state == "PENDING":  # Celery keeps no record of queued ids: the claim of submit is the record
+            with self._reaching(self._backend_url):
+                status.submitted = bool(self.redis.exists(submitted_key(job_id)))
+        elif state == "PROGRESS" and isinstance(info, dict):
             status.progress = Progress.model_validate(info)
         elif state == "SUCCESS":
             status.result = InpaintResult.model_validate(info)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from worker.client import InpaintClient, JobStatus, RedisUnavailable
@@ -77,9 +77,9 @@ def submit_job(
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: str, client: Client) -> dict[str, Any]:
-    # an id nobody submitted reads PENDING, like a queued job: Celery keeps no record of unknown ids
-    return _dump(client.status(job_id))
+def get_job(job_id: str, client: Client) -> Any:
+    status = client.status(job_id)
+    return _dump(status) if status.submitted else _not_found(job_id)
 
 
 @router.delete("/jobs/{job_id}", status_code=202)
@@ -94,9 +94,11 @@ async def job_events(
     job_id: str,
     client: Client,
     timeout: Annotated[float, Query(gt=0, le=86400, description="Close the stream after this many seconds")] = 3600.0,
-) -> StreamingResponse:
+) -> Response:
     """Server-sent events: `progress` whenever the progress changes, then one `done` (or `timeout`, or `error`
-    when Redis is unavailable), then close."""
+    when Redis is lost during the stream), then close. An id nobody submitted is a 404; Redis away, a 503."""
+    if not (await run_in_threadpool(client.status, job_id)).submitted:
+        return _not_found(job_id)
     return StreamingResponse(
         _events(client, job_id, timeout),
         media_type="text/event-stream",
@@ -147,6 +149,12 @@ def _error(status_code: int, code: str, field: str | None, message: str) -> JSON
     if field:
         error["field"] = field
     return JSONResponse({"error": error}, status_code=status_code)
+
+
+def _not_found(job_id: str) -> JSONResponse:
+    # every job of this backend goes through client.submit, so an id without its claim was never submitted here
+    # (or it expired with its result, after INPAINT_RESULT_EXPIRES_S)
+    return _error(404, "not_found", "job_id", f"no job {job_id!r} was submitted (or it expired)")
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
