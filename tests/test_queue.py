@@ -336,5 +336,7 @@ def test_the_same_job_id_submitted_at_once_by_many_callers_is_queued_once(stack)
         assert returned == [job_id] * 8
         assert unserved.redis.llen(queue) == 1
         assert unserved.submit(request(stack), job_id=job_id) == job_id and unserved.redis.llen(queue) == 1
+        queued = unserved.status(job_id)  # Celery reads it PENDING, as an unknown id; the claim tells them apart
+        assert queued.state == "PENDING" and queued.submitted is True
     finally:
         unserved.redis.delete(queue)
