@@ -55,6 +55,15 @@ def test_run_reports_bad_input_as_json_and_exit_code_2(tiny_model_dir, tmp_path)
     assert error["code"] == "invalid_request" and error["field"] == "strength"
 
 
+def test_run_exits_1_for_a_job_that_fails_on_a_valid_request(tiny_model_dir, tmp_path):
+    photo().save(tmp_path / "image.png")
+    done = cli("run", "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "missing.png"),
+               "--prompt", "x", "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir))
+    assert done.returncode == 1, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "input_not_found" and error["field"] == "mask_image"
+
+
 def test_run_refuses_a_request_file_that_is_not_a_json_object(tiny_model_dir, tmp_path):
     (tmp_path / "list.json").write_text('["a red barn"]')
     done = cli("run", "--request", str(tmp_path / "list.json"), "--prompt", "x", "--out", str(tmp_path / "out"),

@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except JobError as error:
         print(json.dumps({"error": error.to_dict()}, indent=2))
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID if error.code == "invalid_request" else EXIT_FAILED
     print(result.model_dump_json(indent=2))
     return 0
 

@@ -69,5 +69,6 @@ def inpaint_job_finished(job: Any, result: Any) -> None:
 
 @hookspec
 def inpaint_job_failed(job: Any, error: Any) -> None:
-    """When a job fails; `error` is the `JobError` it ends with. Errors raised here are logged only, and
+    """When a job fails from fetching its inputs on (not one refused at its first checks, or cancelled while
+    queued); `error` is the `JobError` it ends with. Errors raised here are logged only, and
     the other plugins still hear of it."""

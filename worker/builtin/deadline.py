@@ -1,8 +1,8 @@
 """The deadline: a job past `deadline_s` (or the worker's cap) stops at the next denoising step.
 
 It ends before the images and `result.json` are written; previews from earlier steps stay. Decoding,
-postprocessing and uploads get `INPAINT_DEADLINE_MARGIN_S` more: a job past that writes nothing either,
-and storage retries stop there (`io_pool.retry_until`).
+postprocessing and uploads get `INPAINT_DEADLINE_MARGIN_S` more: a job past it when postprocessing
+starts writes nothing either, and no storage retry starts after it (`io_pool.retry_until`).
 """
 
 from __future__ import annotations
