@@ -49,26 +49,35 @@ def parse_s3(ref: str, field: str) -> tuple[str, str]:
     return bucket, key
 
 
-def with_retries(settings: Settings, what: str, call: Callable[[], T]) -> T:
-    """Run an S3 call, retrying connection errors and 5xx with exponential backoff, a bounded number of times,
-    and never past the running job's deadline plus margin (`io_pool.retry_until`)."""
+def s3_trouble(error: Exception) -> str | None:
+    """What went wrong when another try may help (connection errors, timeouts, 5xx); None when it cannot."""
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code"))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return None if code in NOT_FOUND or code in FORBIDDEN or status < 500 else f"{code} (HTTP {status})"
+    return type(error).__name__ if isinstance(error, BotoCoreError) else None
+
+
+def with_retries(settings: Settings, what: str, call: Callable[[], T], trouble: Callable[[Exception], str | None]
+                 = s3_trouble, field: str | None = None, until: float | None = None) -> T:
+    """Run a storage call, retrying what `trouble` names with exponential backoff, a bounded number of times,
+    never past the running job's deadline plus margin (`io_pool.retry_until`) nor `until` (a monotonic time)."""
     wait = settings.storage_backoff_s
     for attempt in range(1, settings.storage_attempts + 1):
         try:
             return call()
-        except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code"))
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in NOT_FOUND or code in FORBIDDEN or status < 500:
+        except Exception as error:
+            problem = trouble(error)
+            if problem is None:
                 raise
-            problem = f"{code} (HTTP {status})"
-        except BotoCoreError as error:  # endpoint unreachable, timeouts
-            problem = type(error).__name__
+        failed = f"{what} failed after {attempt} {'try' if attempt == 1 else 'tries'}: {problem}"
         if attempt == settings.storage_attempts:
-            raise StorageError(f"{what} failed after {attempt} tries: {problem}")
+            raise StorageError(failed, field=field)
         if not time_for_retry(wait):
-            raise StorageError(f"{what} failed after {attempt} tries: {problem}; no time left for another before "
-                               "the job's deadline (and INPAINT_DEADLINE_MARGIN_S)")
+            raise StorageError(f"{failed}; no time left for another before the job's deadline (and "
+                               "INPAINT_DEADLINE_MARGIN_S)", field=field)
+        if until is not None and time.monotonic() + wait >= until:
+            raise StorageError(f"{failed}; no time left for another", field=field)
         log.warning("%s failed (%s); try %d of %d in %.1f s", what, problem, attempt + 1, settings.storage_attempts,
                     wait)
         time.sleep(wait)
@@ -109,7 +118,7 @@ class StorageFetcher:
             return response["Body"].read()
 
         try:
-            return with_retries(self.settings, f"reading {ref}", get)
+            return with_retries(self.settings, f"{field}: reading {ref}", get, field=field)
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code"))
             if code in NOT_FOUND:
@@ -118,10 +127,6 @@ class StorageFetcher:
                 raise StorageError(f"{field}: reading {ref}: S3 refused this worker's credentials ({code}); "
                                    "the operator's S3 settings need fixing", field=field) from None
             raise InputForbidden(f"{field}: reading {ref} was refused ({code})", field=field) from None
-        except StorageError as error:  # every try failed (endpoint unreachable, 5xx): say which input
-            if error.field:
-                raise
-            raise StorageError(f"{field}: {error.message}", field=field) from None
 
     def _fetch_https(self, ref: str, field: str) -> bytes:
         shown = shown_url(ref)  # signed URLs carry their signature in the query
@@ -131,8 +136,8 @@ class StorageFetcher:
             raise InputForbidden(f"{field}: host {host!r} is not on the allow-list (INPAINT_HTTP_ALLOW)", field=field)
         refuse_internal_address(host, field)
         deadline = time.monotonic() + HTTPS_FETCH_TIMEOUT_S
-        attempts, wait = self.settings.storage_attempts, self.settings.storage_backoff_s
-        for attempt in range(1, attempts + 1):
+
+        def get() -> bytes:
             status, data = https_get(parts, field, shown, deadline, self.settings.input_max_bytes)
             if 200 <= status < 300:
                 return data
@@ -141,17 +146,22 @@ class StorageFetcher:
             if 300 <= status < 400:
                 raise InputForbidden(f"{field}: {shown} answered HTTP {status}; redirects are not followed",
                                      field=field)
-            if status not in HTTPS_RETRIED_STATUSES and status < 500:
-                raise InputForbidden(f"{field}: {shown} answered HTTP {status}", field=field)
-            if attempt == attempts or time.monotonic() + wait >= deadline or not time_for_retry(wait):
-                tries = "1 try" if attempt == 1 else f"{attempt} tries"
-                raise StorageError(f"{field}: {shown} answered HTTP {status} after {tries}, a problem on the "
-                                   "server's side; try again later", field=field)
-            log.warning("%s: %s answered HTTP %d; try %d of %d in %.1f s", field, shown, status, attempt + 1,
-                        attempts, wait)
-            time.sleep(wait)
-            wait *= 2
-        raise AssertionError("unreachable")
+            if status in HTTPS_RETRIED_STATUSES or status >= 500:
+                raise ServerTrouble(status)
+            raise InputForbidden(f"{field}: {shown} answered HTTP {status}", field=field)
+
+        return with_retries(self.settings, f"{field}: fetching {shown}", get, server_trouble, field, deadline)
+
+
+class ServerTrouble(Exception):
+    """An https answer that another try may change: 5xx, 408, 429 (the server's passing trouble)."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+
+
+def server_trouble(error: Exception) -> str | None:
+    return str(error) if isinstance(error, ServerTrouble) else None
 
 
 # a whole https download, however slowly the server sends it (the socket timeout bounds each read only)
