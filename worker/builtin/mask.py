@@ -30,14 +30,7 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int], options: Options) -> 
 def to_gray(mask: Image.Image) -> Image.Image:
     """8-bit gray, transparent pixels black (kept): a canvas export is a white stroke on transparent black,
     as upstream's mask processor reads it (laid over white, it would repaint the whole image)."""
-    if mask.mode == "L":
-        return mask
-    if mask.mode == "P":
-        mask = mask.convert("RGBA")
-    if mask.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = mask.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
-    return to_rgb(mask).convert("L")  # 16-bit gray scaled, not clipped
+    return mask if mask.mode == "L" else to_rgb(mask, background=(0, 0, 0)).convert("L")
 
 
 @hookimpl(tryfirst=True)
