@@ -49,7 +49,7 @@ if redis.call('GET', KEYS[1]) == 'sending' then
 end
 return 0
 """
-CLAIMED, SENT, SENDING = 1, 0, 2
+CLAIMED, SENDING = 1, 2  # and 0: sent
 
 
 class RedisUnavailable(ConnectionError):
