@@ -88,6 +88,34 @@ def test_sigkill_mid_job_redelivers_it_to_the_other_worker_once(faults, run_log,
     print(f"\nSIGKILL at step {kill_at_step}: SUCCESS on the other worker {recovered_s:.1f} s after the kill")
 
 
+def test_a_dropped_broker_connection_does_not_run_the_job_twice(faults, run_log):
+    """kombu puts a job back in the queue when its worker's connection drops, and the job cannot be stopped."""
+    import redis
+
+    stack, client, env = faults
+    workers = [stack.start_worker(f"drop{name}@{HOST}", **env) for name in "ab"]
+    try:
+        for w in workers:
+            w.wait_ready(client.app)
+        job_id = client.submit(slow_job(stack, steps=24))
+        wait_step(client, job_id, 3)
+        server = redis.Redis.from_url(stack.redis.url)
+        dropped = server.client_kill_filter(_type="normal", skipme=True) + \
+            server.client_kill_filter(_type="pubsub", skipme=True)
+        status = client.wait(job_id, timeout=90)
+        time.sleep(3)  # past a sweep: a copy that was going to run would have started by now
+    finally:
+        for w in workers:
+            w.stop()
+    assert dropped > 0
+    assert status.state == "SUCCESS", status.error
+    logs = "".join(w.log_path.read_text() for w in workers)
+    assert "waiting for it to end instead of running it twice" in logs or "this copy is dropped" in logs, logs[-3000:]
+    assert runs(run_log, job_id) == (1, 1)  # started once, finished once
+    assert client.status(job_id).state == "SUCCESS"
+    assert outputs(stack, job_id) == ["0.png", "result.json"]
+
+
 def test_sigterm_finishes_the_running_job_then_exits_and_requeues_nothing(faults, run_log):
     stack, client, env = faults
     first = stack.start_worker(f"term@{HOST}", **env).wait_ready(client.app)

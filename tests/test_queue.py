@@ -110,6 +110,50 @@ def test_the_worker_answers_remote_control_and_sends_heartbeats_during_a_long_jo
     client.wait(job_id, timeout=60)
 
 
+def test_inspect_shows_a_running_job_redacted_whoever_sent_it(stack, client, worker):
+    """Flower's worker page lists running jobs through `inspect active`: no data: URL and no token there."""
+    inline, token = data_url(photo(seed=5)), "tok-Active-never-shown"
+    fields = request(stack, image=inline, num_inference_steps=40, strength=1.0,
+                     plugins={"testkit": {"step_s": 0.15, "api_token": token}})
+    job_id = f"inspect-{time.monotonic_ns()}"
+    client.app.send_task("inpaint", kwargs={"request": fields}, task_id=job_id)  # plain: Celery's own kwargsrepr
+    try:
+        wait_for_step(client, job_id, 1)
+        active = client.app.control.inspect(destination=[worker.node], timeout=2).active()
+    finally:
+        client.cancel(job_id)
+        client.wait(job_id, timeout=60)
+    [shown] = active[worker.node]
+    assert shown["id"] == job_id
+    text = json.dumps(shown)
+    assert inline.split(",", 1)[1][:100] not in text and token not in text, text[:2000]
+    assert f"({len(inline)} characters)" in shown["kwargs"] and "<redacted>" in shown["kwargs"]
+
+
+def test_a_progress_report_that_reaches_redis_late_never_replaces_the_outcome(client):
+    """Redis away while a job fails: its last progress report, sent when Redis is back, must not hide the FAILURE."""
+    from types import SimpleNamespace
+
+    from worker.errors import JobFailed
+    from worker.schema import Progress
+    from worker.tasks import TaskReporter
+
+    def report(job_id: str) -> None:
+        reporter = TaskReporter(SimpleNamespace(app=client.app, request=SimpleNamespace(hostname="t@h")), job_id)
+        reporter(Progress(stage="denoising", step=3, total_steps=10))
+        reporter.close()
+
+    running, failed, done = (f"{name}-{time.monotonic_ns()}" for name in ("running", "failed", "done"))
+    report(running)
+    client.app.backend.store_result(failed, JobFailed("deadline_exceeded", "past its deadline"), "FAILURE")
+    report(failed)
+    client.app.backend.store_result(done, {"images": []}, "SUCCESS")
+    report(done)
+    assert client.status(running).state == "PROGRESS" and client.status(running).progress.step == 3
+    assert client.status(failed).state == "FAILURE" and client.status(failed).error["code"] == "deadline_exceeded"
+    assert client.app.backend.get_task_meta(done)["status"] == "SUCCESS"
+
+
 def _capture(receiver, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -34,7 +34,9 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_track_started=True,
+        # STARTED is stored by the task once it holds the job's lease (worker/lease.py): Celery's own, stored
+        # before the task runs, would overwrite the outcome of a job delivered again after it ended
+        task_track_started=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
         # not result_extended: it would keep the whole request (megabytes of data: URLs, signed URLs, webhook

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from celery.signals import worker_init
+from celery.exceptions import Ignore
+from celery.signals import task_postrun, worker_init
+from celery.worker.request import Request
 
 from . import job, logs, metrics
 from .app import TASK_NAME, app, cancel_key
+from .client import TERMINAL, kwargs_summary
 from .errors import Cancelled, InvalidRequest, JobError, JobFailed
+from .lease import JobLease
 from .pipeline import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
 from .schema import Progress, parse_request
@@ -23,6 +28,7 @@ from .storage import S3Sink, StorageFetcher, s3_client
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _runtime: Runtime | None = None
+_leases: dict[str, JobLease] = {}  # by job id: the jobs this process runs now
 
 
 @dataclass
@@ -74,15 +80,65 @@ def load_before_the_first_job(**_: Any) -> None:
         raise SystemExit(1) from None
 
 
-@app.task(name=TASK_NAME, bind=True, throws=(JobFailed,))  # expected failures: logged without a traceback
+class RedactedRequest(Request):
+    """A job as `inspect active/reserved` (Flower's worker page) shows it: the request redacted, whoever sent it."""
+
+    def info(self, safe: bool = False) -> dict:
+        return {**super().info(safe=True), "args": "()", "kwargs": kwargs_summary(self._kwargs.get("request"))}
+
+
+@app.task(name=TASK_NAME, bind=True, throws=(JobFailed,), Request=RedactedRequest)  # JobFailed: logged, no traceback
 def inpaint(self: Any, request: dict) -> dict:
-    job_id, started = self.request.id, time.time()
-    token = logs.current_job.set(job_id)
+    token = logs.current_job.set(self.request.id)
     try:
-        done = self.AsyncResult(job_id)
-        if done.state == "SUCCESS":  # delivered again after it finished (its ack was lost): what it made
-            log.info("job already succeeded; its result is returned again, nothing is run or counted")
-            return done.result
+        take_the_job(self)
+        return run_counted(self, request)
+    finally:
+        logs.current_job.reset(token)
+
+
+def take_the_job(task: Any) -> None:
+    """Hold the job's lease, waiting while another worker runs the job, then mark it STARTED.
+
+    Raises `Ignore` (the message is acked, nothing is stored) when the job has ended already: delivered
+    again after its outcome was stored (a lost ack, or a copy that waited for the one running). The
+    stored outcome stands, and nothing is run or counted.
+    """
+    job_id, hostname = task.request.id, task.request.hostname
+    lease = JobLease(task.app.backend.client, job_id, hostname)
+    give_up = time.monotonic() + get_settings().visibility_timeout_s  # as Redis itself would redeliver it
+    waited = False
+    while not lease.acquire():
+        if task.AsyncResult(job_id).state in TERMINAL:
+            break
+        if not waited:
+            log.warning("job is running on %s (its message came back, as after a lost broker connection): "
+                        "waiting for it to end instead of running it twice", lease.holder())
+            waited = True
+        if time.monotonic() > give_up:
+            log.error("job has been running elsewhere for longer than INPAINT_VISIBILITY_TIMEOUT_S: running it here")
+            break
+        time.sleep(1.0)
+    _leases[job_id] = lease
+    state = task.AsyncResult(job_id).state  # read once held: a holder stores its outcome before it lets go
+    if state in TERMINAL:
+        release_the_job(job_id)
+        log.info("job already ended (%s): this copy is dropped, nothing is run or counted", state)
+        raise Ignore()
+    task.backend.store_result(job_id, {"pid": os.getpid(), "hostname": hostname}, "STARTED", request=task.request)
+
+
+@task_postrun.connect
+def release_the_job(task_id: str, **_: Any) -> None:
+    """After the outcome is stored (Celery stores it before `task_postrun`), another copy may take the job."""
+    lease = _leases.pop(task_id, None)
+    if lease is not None:
+        lease.release()
+
+
+def run_counted(self: Any, request: dict) -> dict:
+    job_id, started = self.request.id, time.time()
+    try:
         log.info("job started")
         waited = queue_wait(self.request).get("queue_wait_s")
         if waited is not None:
@@ -94,13 +150,10 @@ def inpaint(self: Any, request: dict) -> dict:
     except Exception:
         metrics.job_ended("internal", time.time() - started)
         raise
-    else:
-        metrics.job_ended("success", time.time() - started, result["timings"],
-                          result["parameters"]["steps_run"] * result["parameters"]["images"])
-        log.info("job succeeded in %.2f s", time.time() - started)
-        return result
-    finally:
-        logs.current_job.reset(token)
+    metrics.job_ended("success", time.time() - started, result["timings"],
+                      result["parameters"]["steps_run"] * result["parameters"]["images"])
+    log.info("job succeeded in %.2f s", time.time() - started)
+    return result
 
 
 def run_job(self: Any, job_id: str, request: dict) -> dict:
@@ -147,13 +200,31 @@ def cancel_requested(redis: Any, job_id: str) -> bool:
         return False
 
 
+# KEYS[1]: the task's state; ARGV: the PROGRESS state, its expiry. A report that comes late (Redis was away)
+# must not replace the outcome: Celery's own store_result guards only SUCCESS, not FAILURE.
+STORE_PROGRESS = """
+local current = redis.call('GET', KEYS[1])
+if current then
+    local status = cjson.decode(current)['status']
+    if status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED' then
+        return 0
+    end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 class TaskReporter:
     """Progress into the task state (for clients) and a task event (for Flower), sent by a thread of its own.
 
-    The job never waits on Redis: each report replaces the one not yet sent, so a slow or
-    restarting Redis gets the newest progress when it is back. `close` sends what is pending
-    before the result is stored (and Celery never lets a late PROGRESS overwrite a SUCCESS).
+    The job never waits on Redis: each report replaces the one not yet sent, and one that could not be
+    sent is tried again a second later unless a newer one came, until `close`. A report never replaces
+    the job's outcome, however late it reaches Redis.
     """
+
+    RETRY_S = 1.0
 
     def __init__(self, task: Any, job_id: str):
         self.app, self.job_id, self.hostname = task.app, job_id, task.request.hostname
@@ -183,13 +254,26 @@ class TaskReporter:
                 progress, self._pending = self._pending, None
             if progress is None:
                 return
-            self._send(progress)
+            if self._send(progress):
+                continue
+            with self._wake:
+                if self._closed:  # the outcome follows: no use for progress now
+                    return
+                if self._pending is None:
+                    self._pending = progress
+                self._wake.wait(self.RETRY_S)
 
-    def _send(self, progress: Progress) -> None:
+    def _send(self, progress: Progress) -> bool:
         meta = progress.model_dump(exclude_none=True)
+        backend = self.app.backend
+        state = {**backend._get_result_meta(result=meta, state="PROGRESS", traceback=None, request=None),
+                 "task_id": self.job_id}
         try:  # from this thread, Celery's task.request is not the job's: name the job explicitly
-            self.app.backend.store_result(self.job_id, meta, "PROGRESS")
+            backend.client.eval(STORE_PROGRESS, 1, backend.get_key_for_task(self.job_id), backend.encode(state),
+                                int(backend.expires))
             with self.app.events.default_dispatcher(hostname=self.hostname) as events:
                 events.send("task-progress", uuid=self.job_id, **meta)
         except Exception as error:  # progress is best effort: Redis away must not fail the job
             log.warning("could not report progress: %s", error)
+            return False
+        return True

@@ -1,0 +1,82 @@
+"""One copy of a job runs at a time: a lease in Redis, held while the job runs and renewed by a thread.
+
+Redis can hand out a running job a second time: when a worker's broker connection drops, kombu puts
+the job's message back in the queue at once, and the threads pool cannot stop the copy already
+running. The copy that finds the lease taken waits for the holder to end instead of running too.
+A holder that dies stops renewing, so its lease lapses within `LEASE_S` and the job runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+log = logging.getLogger(__name__)
+LEASE_S = 15  # a dead holder's lease lapses within this
+RENEW_EVERY_S = 5
+
+# KEYS[1]: the lease; ARGV[1]: this holder's token; ARGV[2]: milliseconds. Renew a lease this holder
+# holds, or take it back if it lapsed (Redis away longer than LEASE_S); 0 when another holder took it.
+RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+end
+return 0
+"""
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def lease_key(job_id: str) -> str:
+    return f"inpaint:running:{job_id}"
+
+
+class JobLease:
+    """`acquire` once; while held, a thread renews it every `RENEW_EVERY_S`; `release` ends it."""
+
+    def __init__(self, redis: Any, job_id: str, holder: str):
+        self.redis, self.job_id, self.key = redis, job_id, lease_key(job_id)
+        self.token = f"{holder}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if not self.redis.set(self.key, self.token, nx=True, px=LEASE_S * 1000):
+            return False
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.job_id[:8]}", daemon=True)
+        self._thread.start()
+        return True
+
+    def holder(self) -> str | None:
+        """Who holds the lease now (a worker's node name and a token), or None."""
+        held = self.redis.get(self.key)
+        return held.decode() if isinstance(held, bytes) else held
+
+    def release(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        try:
+            self.redis.eval(RELEASE, 1, self.key, self.token)
+        except Exception as error:  # it lapses within LEASE_S
+            log.warning("could not release the job's lease: %s", error)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(RENEW_EVERY_S):
+            try:
+                if not self.redis.eval(RENEW, 1, self.key, self.token, LEASE_S * 1000):
+                    log.error("job %s: another worker took its lease (Redis was away longer than %d s); "
+                              "two copies may be running", self.job_id, LEASE_S)
+                    return
+            except Exception as error:  # Redis away for a moment: try again at the next renewal
+                log.warning("could not renew the job's lease: %s", error)
