@@ -88,8 +88,8 @@ def test_auto_crop_scales_a_region_over_the_pixel_budget_down_instead_of_failing
                       **fields)
     parameters = cropped.parameters
     assert parameters.padding_mask_crop == 32
-    assert parameters.width * parameters.height <= 64 * 64
-    assert (cropped.images[0].width, cropped.images[0].height) == (256, 256)
+    assert parameters.processing_width * parameters.processing_height <= 64 * 64
+    assert (cropped.images[0].width, cropped.images[0].height) == (parameters.width, parameters.height) == (256, 256)
     out = np.asarray(Image.open(cropped.images[0].location).convert("RGB")).astype(int)
     original = np.asarray(source).astype(int)
     assert np.array_equal(out[:60], original[:60]) and np.array_equal(out[:, 170:], original[:, 170:])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -12,7 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from support import box_mask, data_url, photo
 
-from worker.errors import DeadlineExceeded, InvalidRequest, JobError
+from worker import job
+from worker.errors import DeadlineExceeded, InvalidRequest, JobError, PluginError
+from worker.hooks import hookimpl
+from worker.inputs import LocalFetcher
+from worker.outputs import DirectorySink
 
 NO_PASTE = {"paste_back": False}
 
@@ -61,6 +67,9 @@ def test_padding_mask_crop_returns_the_original_size_with_the_outside_untouched(
                         height=64, width=64)
     out = runner.pixels(result)
     assert out.shape == (64, 96, 3)
+    parameters = result.parameters
+    assert (parameters.width, parameters.height) == (result.images[0].width, result.images[0].height) == (96, 64)
+    assert (parameters.processing_width, parameters.processing_height) == (64, 64)
     outside = np.asarray(mask) == 0
     assert np.array_equal(out[outside], np.asarray(source).astype(int)[outside])
     assert not np.array_equal(out[~outside], np.asarray(source).astype(int)[~outside])
@@ -192,12 +201,50 @@ def test_output_formats(runner, output_type, content_type):
     assert Image.open(image.location).format == output_type.upper()
 
 
+def test_with_padding_mask_crop_the_format_limit_applies_to_the_output_size(runner, settings, tmp_path):
+    """The model works on the crop, but the output has the input's size: a format that cannot hold it is refused."""
+    seen = []
+    request = runner.request(image=data_url(photo(16400, 64)), mask_image=data_url(box_mask(16400, 64)),
+                             padding_mask_crop=8, output_type="webp")
+    with pytest.raises(InvalidRequest) as caught:
+        job.run(request, model=runner.model, plugins=runner.plugins, fetcher=LocalFetcher(10**7),
+                sink=DirectorySink(tmp_path), settings=settings, reporter=seen.append)
+    assert caught.value.field == "padding_mask_crop"
+    assert caught.value.message == ("padding_mask_crop: with padding_mask_crop the output keeps the input's size: "
+                                    "16400 px is over what webp can hold (16383 px a side); choose output_type png")
+    assert not {"encoding", "denoising"} & {p.stage for p in seen}  # refused before any model work
+
+
+def test_with_padding_mask_crop_the_pixel_budget_bounds_the_processing_size_and_the_result_says_both(runner, settings,
+                                                                                                       tmp_path):
+    """A crop is how a large image is worked on within the budget: the output keeps the input's size."""
+    request = runner.request(image=data_url(photo(128, 64)), mask_image=data_url(box_mask(128, 64)),
+                             padding_mask_crop=8)
+    result = job.run(request, model=runner.model, plugins=runner.plugins, fetcher=LocalFetcher(10**7),
+                     sink=DirectorySink(tmp_path), settings=settings.model_copy(update={"max_pixels": 64 * 64}))
+    image, parameters = result.images[0], result.parameters
+    assert (image.width, image.height) == (parameters.width, parameters.height) == (128, 64)
+    assert parameters.processing_width * parameters.processing_height <= 64 * 64
+
+
 def test_max_sequence_length_refuses_a_longer_prompt(runner):
     long_prompt = " ".join(["apple"] * 40)
     with pytest.raises(InvalidRequest) as caught:
         runner.run(prompt=long_prompt, max_sequence_length=20)
     assert caught.value.field == "prompt" and "max_sequence_length" in caught.value.message
     assert runner.run(prompt=long_prompt, max_sequence_length=60).images
+
+
+@pytest.mark.parametrize("name", ["prompt", "negative_prompt"])
+def test_a_prompt_too_long_is_told_in_its_own_tokens_and_the_room_the_template_leaves(runner, name):
+    """The pipeline's chat template adds 5 closing tokens to every prompt's sequence, which max_sequence_length cuts."""
+    fields = {"prompt": "a cat", "negative_prompt": "blurry", name: "a red apple"}  # "a red apple" is 3 tokens
+    with pytest.raises(InvalidRequest) as caught:
+        runner.run(**fields, max_sequence_length=7)
+    assert caught.value.message == (
+        f"{name}: is 3 tokens; with max_sequence_length 7 a prompt may have at most 2 (the pipeline's chat template "
+        "adds 5 closing tokens to every prompt's sequence); raise max_sequence_length to 8 or shorten it")
+    assert runner.run(**fields, max_sequence_length=8).images  # what the message says is enough
 
 
 def test_a_long_negative_prompt_is_refused_only_when_true_cfg_would_encode_it(runner):
@@ -207,6 +254,36 @@ def test_a_long_negative_prompt_is_refused_only_when_true_cfg_would_encode_it(ru
     assert caught.value.field == "negative_prompt"
     result = runner.run(negative_prompt=long_negative, true_cfg_scale=1.0, max_sequence_length=20)
     assert result.images and result.parameters.true_cfg is False
+
+
+def test_qwen_image_ignores_guidance_scale_and_the_result_says_so(runner, model):
+    assert not model.guidance_distilled
+    plain = runner.run(plugins=NO_PASTE)
+    guided = runner.run(plugins=NO_PASTE, guidance_scale=7.5)
+    assert np.array_equal(runner.pixels(plain), runner.pixels(guided))
+    assert guided.parameters.guidance_scale is None and plain.parameters.guidance_scale is None
+
+
+def test_a_guidance_distilled_model_gets_guidance_scale_1_unless_asked(runner, model):
+    """Upstream fails on a guidance-distilled model without guidance_scale; the worker gives it the spec's 1.0.
+
+    Checked without a job: diffusers 0.42.1's Qwen-Image transformer cannot run with guidance embeddings at all
+    (it passes `guidance` to an embedding that takes none)."""
+    from types import SimpleNamespace
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from worker.pipeline import LoadedModel
+    from worker.schema import parse_request
+    from worker.tiny import TINY_TRANSFORMER
+
+    transformer = QwenImageTransformer2DModel(**{**TINY_TRANSFORMER, "guidance_embeds": True})
+    distilled = LoadedModel(SimpleNamespace(transformer=transformer), "tiny-distilled", model.device, model.dtype,
+                            True, 0.0)
+    assert distilled.guidance_distilled
+    left_out, asked = parse_request(runner.request()), parse_request(runner.request(guidance_scale=3.5))
+    assert (job.guidance_scale(left_out, distilled), job.guidance_scale(asked, distilled)) == (1.0, 3.5)
+    assert job.guidance_scale(asked, model) is None  # Qwen-Image ignores it: the pipeline gets none
 
 
 def test_attention_kwargs_reach_the_transformer(runner, model):
@@ -359,7 +436,8 @@ def test_auto_crop_inpaints_a_small_mask_in_its_region_and_returns_the_full_imag
     cropped = runner.run(plugins={"auto_crop": {"enabled": True}, "paste_back": False}, image=data_url(source),
                          mask_image=data_url(mask))
     assert (cropped.images[0].width, cropped.images[0].height) == (256, 256)
-    assert cropped.parameters.padding_mask_crop == 32 and cropped.parameters.width == 88
+    assert cropped.parameters.padding_mask_crop == 32 and cropped.parameters.processing_width == 88
+    assert (cropped.parameters.width, cropped.parameters.height) == (256, 256)
     out, original = runner.pixels(cropped), np.asarray(source).astype(int)
     assert np.array_equal(out[:, :100], original[:, :100]) and np.array_equal(out[140:], original[140:])
     assert not np.array_equal(out[40:64, 200:224], original[40:64, 200:224])
@@ -369,3 +447,27 @@ def test_auto_crop_inpaints_a_small_mask_in_its_region_and_returns_the_full_imag
                        width=128)
     assert sized.parameters.padding_mask_crop is None  # a job that chose its output size is not cropped
     assert (sized.images[0].width, sized.images[0].height) == (128, 128)
+
+
+def test_a_failed_jobs_tensors_are_freed_when_it_ends_not_at_the_next_garbage_collection(runner, settings, tmp_path):
+    """A failed call's frames (and the tensors in them) must not wait in reference cycles for a full collection:
+    on a GPU the next job would run out of memory."""
+    freed = []
+
+    class Failing:
+        @hookimpl
+        def inpaint_step_end(self, latents):
+            scratch = latents * 2  # held only by this frame
+            freed.append(weakref.ref(scratch))
+            raise ValueError("boom")
+
+    manager = type(runner.plugins)(load_entry_points=False)
+    manager.register(Failing(), "failing")
+    gc.disable()  # only reference counting frees memory in this test
+    try:
+        with pytest.raises(PluginError):
+            job.run(runner.request(), model=runner.model, plugins=manager, fetcher=LocalFetcher(10**7),
+                    sink=DirectorySink(tmp_path), settings=settings)
+        assert freed and freed[0]() is None
+    finally:
+        gc.enable()

@@ -56,9 +56,9 @@ INVALID = [
     pytest.param(request(guidance_scale=math.nan), "guidance_scale", ["finite number"], id="nan-guidance-scale"),
     pytest.param(request(guidance_scale=-1.0), "guidance_scale", ["greater than or equal to 0"],
                  id="negative-guidance-scale"),
-    pytest.param(request(attention_kwargs={"scale": math.inf}), "attention_kwargs", ["finite number"],
+    pytest.param(request(attention_kwargs={"scale": math.inf}), "attention_kwargs.scale", ["finite number"],
                  id="infinite-lora-scale"),
-    pytest.param(request(attention_kwargs={"scale": True}), "attention_kwargs", ["finite number", "True"],
+    pytest.param(request(attention_kwargs={"scale": True}), "attention_kwargs.scale", ["finite number", "True"],
                  id="boolean-lora-scale"),
     pytest.param(request(plugins={"mask": "yes"}), "plugins.mask", ["valid boolean", "yes"],
                  id="plugin-switch-as-string"),
@@ -174,7 +174,7 @@ INVALID = [
     ),
     pytest.param(
         request(attention_kwargs={"scale": "high"}),
-        "attention_kwargs",
+        "attention_kwargs.scale",
         ["scale", "must be a finite number", "high"],
         id="attention-kwargs-scale-not-number",
     ),
@@ -210,6 +210,37 @@ UNION_TYPE_ERRORS = [
     pytest.param(request(seed="lucky"), "seed", id="seed-as-string"),
     pytest.param(request(image=5), "image", id="image-as-int"),
 ]
+
+
+HUGE = 10**400  # valid JSON; too large for a float
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"num_inference_steps": HUGE}, "num_inference_steps"),
+    ({"num_images_per_prompt": HUGE}, "num_images_per_prompt"),
+    ({"seed": HUGE}, "seed"),
+    ({"seed": [HUGE]}, "seed"),
+    ({"height": HUGE}, "height"),
+    ({"width": HUGE}, "width"),
+    ({"padding_mask_crop": HUGE}, "padding_mask_crop"),
+    ({"preview_every": HUGE}, "preview_every"),
+    ({"max_sequence_length": HUGE}, "max_sequence_length"),
+    ({"deadline_s": HUGE}, "deadline_s"),
+    ({"strength": HUGE}, "strength"),
+    ({"true_cfg_scale": HUGE}, "true_cfg_scale"),
+    ({"guidance_scale": HUGE}, "guidance_scale"),
+    ({"sigmas": [HUGE]}, "sigmas.0"),
+    ({"output": {"quality": HUGE}}, "output.quality"),
+    ({"attention_kwargs": {"scale": HUGE}}, "attention_kwargs.scale"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_a_number_too_large_for_a_float_is_an_invalid_request_naming_its_field(overrides, field):
+    error = rejects(request(**overrides), field)
+    assert "0" * 80 not in error.message  # named by its size, not printed
+
+
+def test_num_inference_steps_has_a_generous_bound_and_says_so():
+    assert parse_request(request(num_inference_steps=1000)).num_inference_steps == 1000
+    rejects(request(num_inference_steps=1001), "num_inference_steps", "at most 1000", "generous", "got 1001")
 
 
 @pytest.mark.parametrize(("data", "field"), UNION_TYPE_ERRORS)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.support import box_mask, photo
+from tests.support import box_mask, data_url, photo
 
 LONG_NEGATIVE = "blurry, low quality, distorted, extra fingers"
 NOISE = 1e-4  # float32 on the CPU: the same computation in another order differs by ~1e-6
@@ -166,6 +166,33 @@ def test_the_lossy_step_cache_skips_blocks_only_when_asked(model, settings):
         lossy = latents(cached, **call)
     assert len(first) == 4 and 1 <= len(rest) < 4  # every step ran the first block, some skipped the rest
     assert (lossy - latents(model, **call)).abs().max() > 10 * NOISE  # lossy: a different result
+
+
+def test_a_job_stopped_mid_run_leaves_no_step_cache_state_to_the_next_job_of_another_size(settings, plugins,
+                                                                                          tmp_path):
+    """Upstream resets the step cache only when a call finishes; a cancelled call's cached tensor was compared with
+    the next call's, and every job of another size failed until one of the old size succeeded."""
+    from worker import job
+    from worker.errors import Cancelled
+    from worker.inputs import LocalFetcher
+    from worker.outputs import DirectorySink
+    from worker.pipeline import load_model
+
+    cached = load_model(settings.model_copy(update={"step_cache": 3.0}))
+
+    def run(width: int, height: int, cancel_requested=None):
+        request = {"prompt": "a red apple", "image": data_url(photo(width, height)),
+                   "mask_image": data_url(box_mask(width, height)), "num_inference_steps": 6, "strength": 1.0,
+                   "seed": 1}
+        return job.run(request, model=cached, plugins=plugins, fetcher=LocalFetcher(10**7),
+                       sink=DirectorySink(tmp_path / f"{width}x{height}"), settings=settings,
+                       cancel_requested=cancel_requested)
+
+    checks = iter(range(100))
+    with pytest.raises(Cancelled, match="at step 3 of 6"):
+        run(64, 64, cancel_requested=lambda: next(checks) >= 2)
+    result = run(96, 64)
+    assert (result.images[0].width, result.images[0].height) == (96, 64)
 
 
 def test_the_step_cache_and_forced_compilation_are_refused_together():

@@ -6,10 +6,10 @@ import pytest
 from support import data_url, photo
 
 from worker import job
-from worker.errors import JobError, StorageError
+from worker.errors import InputNotFound, JobError, StorageError
 from worker.inputs import LocalFetcher
 from worker.stack import free_port
-from worker.storage import S3Sink, s3_client
+from worker.storage import S3Sink, StorageFetcher, s3_client
 
 
 class RefusingSink(S3Sink):
@@ -71,3 +71,11 @@ def test_storage_retries_stop_at_the_jobs_deadline_plus_margin(runner, monkeypat
     assert "no time left for another before the job's deadline" in message, message
     tries = int(message.split("failed after ")[1].split(" tries")[0])
     assert 2 <= tries <= 6  # 0.2 + 0.4 + 0.8 + 1.6 s of waits fit in 5 s; 40 tries would take days
+
+
+def test_a_missing_s3_input_is_named_without_its_query(stack):
+    """A reference copied from a presigned URL carries its signature in the query: errors (task state, logs) omit it."""
+    fetcher = StorageFetcher(stack.settings(), stack.s3.client())
+    with pytest.raises(InputNotFound) as caught:
+        fetcher.fetch("s3://inputs/no-such-photo.png?X-Amz-Signature=deadbeef", "image")
+    assert caught.value.message == "image: no object at s3://inputs/no-such-photo.png?..."

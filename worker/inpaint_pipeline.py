@@ -43,6 +43,16 @@ class InpaintPipeline(QwenImageInpaintPipeline):
 
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._call(*args, **kwargs)
+        except BaseException:
+            # Upstream resets stateful hooks (the step cache's tensors from this call) and offloads only at the end of a
+            # call that finishes; after one that raised (cancel, deadline, out of memory) the next call of another size
+            # would compare its tensors with this one's and fail.
+            self.maybe_free_model_hooks()
+            raise
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
         if not self.batch_cfg:
             return super().__call__(*args, **kwargs)
         transformer = self.transformer

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import socket
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
 from .inputs import Fetcher, decode_image, load_tensor
 from .io_pool import at_once, retry_until
 from .outputs import CONTENT_TYPES, EXTENSIONS, MAX_SIDE, OutputSink, encode_output, put_all, remove
-from .pipeline import LoadedModel, count_prompt_tokens, generator
+from .pipeline import LoadedModel, count_prompt_tokens, generator, template_closing_tokens
 from .plugins import JobHooks, Plugins
 from .schema import EffectiveParameters, ImageOutput, InpaintRequest, InpaintResult, Limits, parse_request, redacted
 from .settings import Settings
@@ -37,6 +38,7 @@ TENSOR_FIELDS = ("masked_image_latents", "latents", "prompt_embeds", "prompt_emb
                  "negative_prompt_embeds", "negative_prompt_embeds_mask")
 PIPELINE_FIELDS = ("height", "width", "padding_mask_crop", "strength", "num_inference_steps", "sigmas",
                    "true_cfg_scale", "guidance_scale", "attention_kwargs", "max_sequence_length")
+DISTILLED_GUIDANCE_SCALE = 1.0  # the pipeline spec's default; upstream's None fails on a guidance-distilled model
 
 
 @dataclass
@@ -109,10 +111,11 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
         result = write_outputs(job, model, images, sink)
         hooks.notify("inpaint_job_finished", job=job, result=result)
         return result
+    except JobError as raised:  # no local outlives the except clause: no reference cycle through this frame
+        failed(job, raised, model, hooks)
+        raise
     except Exception as raised:
-        error = as_job_error(raised, model)
-        hooks.notify("inpaint_job_failed", job=job, error=error)  # a raising hook never hides the job's error
-        raise error from raised
+        raise failed(job, raised, model, hooks) from raised
     finally:
         retry_until.reset(retrying)
 
@@ -125,10 +128,19 @@ def start(request: InpaintRequest, model: LoadedModel, plugins: Plugins, setting
     options = plugins.check_options(request.plugins)
     deadline_s = request.deadline_s or settings.max_deadline_s
     params = {name: getattr(request, name) for name in PIPELINE_FIELDS}
+    params["guidance_scale"] = guidance_scale(request, model)
     return Job(id=job_id or request.job_id or uuid.uuid4().hex, request=request, limits=limits, tracker=tracker,
                deadline_s=deadline_s, deadline=tracker.started + deadline_s,
                stop_at=tracker.started + deadline_s + settings.deadline_margin_s, plugin_options=options,
                plugins=[name for name in plugins.names if request.plugin_enabled(name)], params=params)
+
+
+def guidance_scale(request: InpaintRequest, model: LoadedModel) -> float | None:
+    """What the pipeline gets: a guidance-distilled model needs a value (1.0 unless asked); any other ignores it,
+    so it gets none (upstream would only warn that it is ignored)."""
+    if not model.guidance_distilled:
+        return None
+    return DISTILLED_GUIDANCE_SCALE if request.guidance_scale is None else request.guidance_scale
 
 
 def load_inputs(job: Job, fetcher: Fetcher) -> None:
@@ -145,35 +157,70 @@ def load_inputs(job: Job, fetcher: Fetcher) -> None:
 
 def check_ready(job: Job, model: LoadedModel) -> None:
     """What can only be checked once inputs are loaded and preprocessed, before any GPU time is spent."""
-    request, width, height = job.request, job.params["width"], job.params["height"]
-    job.limits.check_size(width, height, "width" if request.width is not None and request.height is None else "height")
-    for name, value in (("width", width), ("height", height)):
-        if value % model.size_factor:
-            raise InvalidRequest(name, f"{value} is not a multiple of {model.size_factor} (the model's size factor)")
-    side = MAX_SIDE.get(request.output_type)
-    if side and max(width, height) > side:
-        raise InvalidRequest("width" if width > side else "height", f"{max(width, height)} px is over what "
-                             f"{request.output_type} can hold ({side} px a side); choose output_type png")
+    request = job.request
+    check_sizes(job, model)
     if job.image.mode != "RGB":
         raise InvalidRequest("image", f"mode {job.image.mode} reached the pipeline; the normalize plugin converts "
                              "to RGB (is it blocked?)")
     if not job.mask.convert("L").getbbox():
         raise InvalidRequest("mask_image", "the mask is empty (all black): nothing to repaint; white marks the area "
                              "to repaint")
-    for name in ("prompt", "negative_prompt") if job.true_cfg else ("prompt",):  # an unused one is not encoded
-        value = getattr(request, name)
-        for text in [value] if isinstance(value, str) else value or []:
-            tokens = count_prompt_tokens(model, text)
-            if tokens > request.max_sequence_length:
-                raise InvalidRequest(name, f"is {tokens} tokens, over max_sequence_length "
-                                     f"({request.max_sequence_length}); shorten it or raise max_sequence_length "
-                                     "(at most 1024)")
+    check_prompt_lengths(job, model)
     prompts = check_tensors(job, model)
     job.limits.check_images(prompts * request.num_images_per_prompt)
     job.items = plan_images(request, prompts)
     if "latents" in job.tensors and job.tensors["latents"].shape[0] not in (1, len(job.items)):
         raise InvalidRequest("latents", f"has {job.tensors['latents'].shape[0]} rows for {len(job.items)} images; "
                              f"give 1 row (shared by every image) or {len(job.items)} (one per image)")
+
+
+def output_size(job: Job) -> tuple[int, int]:
+    """The size of the images the job returns: the processing size, or with padding_mask_crop the input's (the
+    pipeline pastes the processed crop back into the input)."""
+    if job.params["padding_mask_crop"] is None:
+        return job.params["width"], job.params["height"]
+    return job.image.size
+
+
+def check_sizes(job: Job, model: LoadedModel) -> None:
+    """The processing size on the model's grid and within the pixel budget (what the model works at); the
+    output's size (the input's, with padding_mask_crop) within what the output format can hold."""
+    request, width, height = job.request, job.params["width"], job.params["height"]
+    asked = "width" if request.width is not None and request.height is None else "height"
+    job.limits.check_size(width, height, asked)
+    for name, value in (("width", width), ("height", height)):
+        if value % model.size_factor:
+            raise InvalidRequest(name, f"{value} is not a multiple of {model.size_factor} (the model's size factor)")
+    out_width, out_height = output_size(job)
+    side = MAX_SIDE.get(request.output_type)
+    if not side or max(out_width, out_height) <= side:
+        return
+    if job.params["padding_mask_crop"] is None:
+        field, context = ("width" if out_width > out_height else "height"), ""
+    else:
+        set_by = "" if request.padding_mask_crop is not None else (
+            ", set by a preprocess plugin (auto_crop; \"plugins\": {\"auto_crop\": false} turns it off),")
+        field, context = "padding_mask_crop", f"with padding_mask_crop{set_by} the output keeps the input's size: "
+    raise InvalidRequest(field, f"{context}{max(out_width, out_height)} px is over what {request.output_type} can "
+                         f"hold ({side} px a side); choose output_type png")
+
+
+def check_prompt_lengths(job: Job, model: LoadedModel) -> None:
+    """A prompt must fit max_sequence_length with the template's closing tokens: upstream cuts the rest silently."""
+    request, closing = job.request, template_closing_tokens(model)
+    room = max(request.max_sequence_length - closing, 0)
+    for name in ("prompt", "negative_prompt") if job.true_cfg else ("prompt",):  # an unused one is not encoded
+        value = getattr(request, name)
+        for text in [value] if isinstance(value, str) else value or []:
+            tokens = count_prompt_tokens(model, text)
+            if tokens > room:
+                needed = tokens + closing
+                remedy = (f"raise max_sequence_length to {needed} or shorten it" if needed <= 1024
+                          else f"shorten it to {1024 - closing} tokens (max_sequence_length is at most 1024)")
+                raise InvalidRequest(name, f"is {tokens} tokens; with max_sequence_length "
+                                     f"{request.max_sequence_length} a prompt may have at most {room} (the "
+                                     f"pipeline's chat template adds {closing} closing tokens to every prompt's "
+                                     f"sequence); {remedy}")
 
 
 def check_tensors(job: Job, model: LoadedModel) -> int:
@@ -345,13 +392,15 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
         size = image.size if isinstance(image, Image.Image) else (None, None)
         outputs.append(ImageOutput(index=index, location=location, url=url, content_type=content_type,
                                    width=size[0], height=size[1], seed=seed, prompt_index=prompt_index))
+    width, height = output_size(job)
     result = InpaintResult(
         job_id=job.id,
         images=outputs,
         parameters=EffectiveParameters(
-            width=job.params["width"], height=job.params["height"],
+            width=width, height=height, processing_width=job.params["width"], processing_height=job.params["height"],
             num_inference_steps=request.num_inference_steps, strength=request.strength,
             steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=request.true_cfg_scale,
+            guidance_scale=job.params["guidance_scale"] if model.guidance_distilled else None,
             padding_mask_crop=job.params["padding_mask_crop"], images=len(outputs), seeds=[s for _, s in job.items],
             output_type=request.output_type, plugins=job.plugins),
         timings=job.tracker.finish(),
@@ -382,11 +431,35 @@ def versions() -> dict[str, str]:
             (("worker", "qwen-inpaint-worker"), ("diffusers", "diffusers"), ("torch", "torch"))}
 
 
-def as_job_error(error: BaseException, model: LoadedModel) -> JobError:
+def failed(job: Job, raised: Exception, model: LoadedModel, hooks: JobHooks) -> JobError:
+    """The job's error, told to the plugins; then the failed call's memory is let go.
+
+    The tracebacks of `raised` and its causes hold the frames of the failed call (its tensors among their locals),
+    and frames that caught an exception and kept it (pluggy's, a `raise ... from`) form reference cycles only a full
+    garbage collection frees: on a GPU the next job could run out of memory for memory nothing uses. Clearing the
+    frames lets that memory go at once; the tracebacks still show where the error was raised.
+    """
+    error = as_job_error(raised)
+    hooks.notify("inpaint_job_failed", job=job, error=error)  # a raising hook never hides the job's error
+    forget_locals(raised)
+    if isinstance(error, OutOfMemory):
+        free_memory(model)
+    return error
+
+
+def forget_locals(error: BaseException) -> None:
+    """Clear the frames of `error`'s traceback and of the errors it was raised from (frames still running are left)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def as_job_error(error: BaseException) -> JobError:
     if isinstance(error, JobError):
         return error
     if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
-        free_memory(model)
         return OutOfMemory(f"the accelerator ran out of memory: {str(error).splitlines()[0][:300]}; "
                            "try a smaller size, fewer images or an offload mode")
     log.exception("job failed with an unexpected error")

@@ -54,6 +54,11 @@ class LoadedModel:
     def latent_channels(self) -> int:
         return self.pipe.latent_channels
 
+    @property
+    def guidance_distilled(self) -> bool:
+        """Whether the transformer reads `guidance_scale` (Qwen-Image's does not: its true CFG is `true_cfg_scale`)."""
+        return bool(self.pipe.transformer.config.guidance_embeds)
+
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                "load_s": round(self.load_s, 3), "batch_cfg": self.pipe.batch_cfg, "compiled": self.compiled,
@@ -212,7 +217,19 @@ def uncompile(model: LoadedModel) -> None:
 
 
 def count_prompt_tokens(model: LoadedModel, prompt: str) -> int:
-    """Tokens the pipeline keeps for `prompt` (its template's prefix is dropped)."""
+    """The prompt's own tokens, without the pipeline's chat template around it."""
+    return sequence_length(model, prompt) - template_closing_tokens(model)
+
+
+def template_closing_tokens(model: LoadedModel) -> int:
+    """Tokens the chat template adds after every prompt (`<|im_end|>`, the assistant's turn): the pipeline keeps them
+    in the sequence that `max_sequence_length` cuts, so they take room from the prompt."""
+    return sequence_length(model, "")
+
+
+def sequence_length(model: LoadedModel, prompt: str) -> int:
+    """The length of the prompt's embeddings: the templated prompt's tokens, less the template's prefix upstream
+    drops (`_get_qwen_prompt_embeds`)."""
     pipe = model.pipe
     ids = pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids
     return len(ids) - pipe.prompt_template_encode_start_idx

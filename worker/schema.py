@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import InvalidRequest
 
@@ -21,6 +21,16 @@ OutputType = Literal["png", "jpeg", "webp", "latent"]
 Stage = Literal["queued", "fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
                 "uploading"]
 ATTENTION_KWARGS_ALLOWED = {"scale"}
+# Generous bounds, far past any useful value: a bigger number is a mistake, and arithmetic on it could overflow a float.
+UPPER_BOUNDS = {
+    "num_inference_steps": (1000, "generous: Qwen-Image needs 20 to 50, and a worker's own cap, INPAINT_MAX_STEPS, "
+                                  "is lower"),
+    "preview_every": (1000, "the most steps a job can have"),
+    "num_images_per_prompt": (1000, "generous: a worker's own cap, INPAINT_MAX_IMAGES, is lower"),
+    "height": (65536, "generous: the worker's pixel budget, INPAINT_MAX_PIXELS, is the real limit"),
+    "width": (65536, "generous: the worker's pixel budget, INPAINT_MAX_PIXELS, is the real limit"),
+    "padding_mask_crop": (65536, "a wider margin crops no less: the crop stops at the image's edges"),
+}
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
@@ -61,7 +71,9 @@ class InpaintRequest(BaseModel):
     strength: float = Field(0.6, gt=0, le=1)
     num_inference_steps: int = Field(50, ge=1)
     sigmas: list[float] | None = None
-    guidance_scale: float | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(
+        None, ge=0, description="Read only by a guidance-distilled model (default 1.0 there); Qwen-Image ignores it"
+    )
     num_images_per_prompt: int = Field(1, ge=1)
     seed: int | list[int] | None = None
     latents: str | None = None
@@ -91,12 +103,20 @@ class InpaintRequest(BaseModel):
             )
         return value
 
+    @field_validator(*UPPER_BOUNDS)
+    @classmethod
+    def _at_most(cls, value: int | None, info: ValidationInfo) -> int | None:
+        most, why = UPPER_BOUNDS[info.field_name]
+        if value is not None and value > most:
+            raise ValueError(f"must be at most {most} ({why}), got {_shown_input(value)}")
+        return value
+
     @field_validator("seed")
     @classmethod
     def _seed_range(cls, value: int | list[int] | None) -> int | list[int] | None:
         for seed in [value] if isinstance(value, int) else value or []:
             if not 0 <= seed < 2**63:
-                raise ValueError(f"each seed must be in [0, 2**63), got {seed}")
+                raise ValueError(f"each seed must be in [0, 2**63), got {_shown_input(seed)}")
         return value
 
     @field_validator("sigmas")
@@ -119,8 +139,9 @@ class InpaintRequest(BaseModel):
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(ATTENTION_KWARGS_ALLOWED)}")
         scale = (value or {}).get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-            raise ValueError(f"scale (the LoRA scale) must be a finite number, got {scale!r:.40}")
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not _finite(scale):
+            raise _field_error("attention_kwargs.scale",
+                               f"the LoRA scale must be a finite number, got {_shown_input(scale)}")
         return value
 
     @model_validator(mode="after")
@@ -220,6 +241,21 @@ def _field_error(field: str, message: str) -> ValueError:
     return ValueError(f"[{field}] {message}")
 
 
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _shown_input(value: Any) -> str:
+    """An input as an error quotes it: cut to 80 characters, a huge integer by its size (Python prints 4300 digits at
+    most)."""
+    if isinstance(value, int) and abs(value) >= 10**80:
+        return f"an integer of about {round(abs(value).bit_length() * math.log10(2))} digits"
+    return f"{value!r:.80}"
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a worker allows; checked against a request once the model is known."""
@@ -300,7 +336,7 @@ def _describe(error: ValidationError) -> tuple[str, str]:
         if message not in problems[field]:
             problems[field].append(message)
         if item["type"].startswith(("int_", "float_", "string_", "bool_", "list_", "dict_", "literal_")):
-            problems[field].append(f"(got {item.get('input')!r:.80})")
+            problems[field].append(f"(got {_shown_input(item.get('input'))})")
     parts = [f"{field}: " * bool(i) + " or ".join(m for m in msgs if not m.startswith("(got"))
              + "".join(f" {m}" for m in dict.fromkeys(msgs) if m.startswith("(got"))
              for i, (field, msgs) in enumerate(problems.items())]
@@ -333,15 +369,25 @@ class ImageOutput(BaseModel):
 
 
 class EffectiveParameters(BaseModel):
-    """What really ran, which is not always what was asked (true CFG silently off, trimmed steps)."""
+    """What really ran, which is not always what was asked (true CFG silently off, trimmed steps).
+
+    `width` and `height` are the output images' size; `processing_width` and `processing_height` the
+    size the model worked at. They differ only with `padding_mask_crop`: the model works on the crop,
+    which is pasted back into the input, so the output has the input's size. `guidance_scale` is what
+    a guidance-distilled model was given; None for a model that takes none (Qwen-Image ignores it).
+    The fields with defaults are missing from results of older workers.
+    """
 
     width: int
     height: int
+    processing_width: int | None = None
+    processing_height: int | None = None
     num_inference_steps: int
     strength: float
     steps_run: int
     true_cfg: bool
     true_cfg_scale: float
+    guidance_scale: float | None = None
     padding_mask_crop: int | None
     images: int
     seeds: list[int]

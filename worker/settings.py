@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path.home() / ".cache" / "qwen-inpaint-worker", description="Where the tiny model is built"
     )
-    max_pixels: int = Field(2_097_152, gt=0, description="Pixel budget of one output image (width x height)")
+    max_pixels: int = Field(2_097_152, gt=0, description="Pixel budget of the size the model works at (width x height)")
     max_steps: int = Field(200, gt=0, description="Largest num_inference_steps a job may ask for")
     max_images: int = Field(8, gt=0, description="Most images one job may produce")
     max_deadline_s: float = Field(1800.0, gt=0, description="Longest a job may run; also the default deadline")

@@ -45,7 +45,7 @@ def parse_s3(ref: str, field: str) -> tuple[str, str]:
     parts = urlsplit(ref)
     bucket, key = parts.netloc, parts.path.lstrip("/")
     if not bucket or not key:
-        raise InvalidRequest(field, f"{ref!r} is not s3://bucket/key")
+        raise InvalidRequest(field, f"{shown_url(ref)!r} is not s3://bucket/key")
     return bucket, key
 
 
@@ -104,6 +104,7 @@ class StorageFetcher:
                              "use s3://bucket/key, a data: URL, or https:// on an allowed host", field=field)
 
     def _fetch_s3(self, ref: str, field: str) -> bytes:
+        shown = shown_url(ref)  # a query (a copied presigned URL's signature) is not shown
         bucket, key = parse_s3(ref, field)
         if bucket not in self.settings.input_buckets:
             raise InputForbidden(f"{field}: bucket {bucket!r} is not one this worker reads "
@@ -118,15 +119,15 @@ class StorageFetcher:
             return response["Body"].read()
 
         try:
-            return with_retries(self.settings, f"{field}: reading {ref}", get, field=field)
+            return with_retries(self.settings, f"{field}: reading {shown}", get, field=field)
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code"))
             if code in NOT_FOUND:
-                raise InputNotFound(f"{field}: no object at {ref}", field=field) from None
+                raise InputNotFound(f"{field}: no object at {shown}", field=field) from None
             if code in CREDENTIALS_REFUSED:
-                raise StorageError(f"{field}: reading {ref}: S3 refused this worker's credentials ({code}); "
+                raise StorageError(f"{field}: reading {shown}: S3 refused this worker's credentials ({code}); "
                                    "the operator's S3 settings need fixing", field=field) from None
-            raise InputForbidden(f"{field}: reading {ref} was refused ({code})", field=field) from None
+            raise InputForbidden(f"{field}: reading {shown} was refused ({code})", field=field) from None
 
     def _fetch_https(self, ref: str, field: str) -> bytes:
         shown = shown_url(ref)  # signed URLs carry their signature in the query
