@@ -48,7 +48,7 @@ def main() -> None:
     print(f"model {model.name} on {model.device}: {args.mask}x{args.mask} mask on {args.size}x{args.size}, "
           f"{args.steps} steps")
     print(f"whole image ({whole_params['width']}x{whole_params['height']}): {whole:.2f} s; auto crop "
-          f"({crop_params['width']}x{crop_params['height']} + paste back): {crop:.2f} s; "
+          f"({crop_params['processing_width']}x{crop_params['processing_height']} + paste back): {crop:.2f} s; "
           f"{whole / crop:.1f}x faster")
 
 
