@@ -8,6 +8,8 @@ from __future__ import annotations
 import signal
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from support import box_mask, photo, upload
@@ -62,13 +64,24 @@ def holder(client, job_id: str, workers) -> object:
     return next(w for w in workers if w.node == node)
 
 
-@pytest.mark.parametrize("kill_at_step", [1, 12])
-def test_sigkill_mid_job_redelivers_it_to_the_other_worker_once(faults, run_log, kill_at_step):
+@contextmanager
+def two_workers(faults, prefix: str) -> Iterator[list]:
+    """Two workers, ready when the block starts and stopped when it ends."""
     stack, client, env = faults
-    workers = [stack.start_worker(f"k{kill_at_step}{name}@{HOST}", **env) for name in "ab"]
+    workers = [stack.start_worker(f"{prefix}{name}@{HOST}", **env) for name in "ab"]
     try:
         for w in workers:
             w.wait_ready(client.app)
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
+
+
+@pytest.mark.parametrize("kill_at_step", [1, 12])
+def test_sigkill_mid_job_redelivers_it_to_the_other_worker_once(faults, run_log, kill_at_step):
+    stack, client, _ = faults
+    with two_workers(faults, f"k{kill_at_step}") as workers:
         job_id = client.submit(slow_job(stack, steps=24))
         wait_step(client, job_id, 1)
         victim = holder(client, job_id, workers)
@@ -77,9 +90,6 @@ def test_sigkill_mid_job_redelivers_it_to_the_other_worker_once(faults, run_log,
         victim.stop(signal.SIGKILL)
         status = client.wait(job_id, timeout=90)
         recovered_s = time.monotonic() - killed_at
-    finally:
-        for w in workers:
-            w.stop()
     assert status.state == "SUCCESS", status.error
     survivor = next(w for w in workers if w is not victim)
     assert status.result.worker["node"] == survivor.node
@@ -92,11 +102,8 @@ def test_a_dropped_broker_connection_does_not_run_the_job_twice(faults, run_log)
     """kombu puts a job back in the queue when its worker's connection drops, and the job cannot be stopped."""
     import redis
 
-    stack, client, env = faults
-    workers = [stack.start_worker(f"drop{name}@{HOST}", **env) for name in "ab"]
-    try:
-        for w in workers:
-            w.wait_ready(client.app)
+    stack, client, _ = faults
+    with two_workers(faults, "drop") as workers:
         job_id = client.submit(slow_job(stack, steps=24))
         wait_step(client, job_id, 3)
         server = redis.Redis.from_url(stack.redis.url)
@@ -104,9 +111,6 @@ def test_a_dropped_broker_connection_does_not_run_the_job_twice(faults, run_log)
             server.client_kill_filter(_type="pubsub", skipme=True)
         status = client.wait(job_id, timeout=90)
         time.sleep(3)  # past a sweep: a copy that was going to run would have started by now
-    finally:
-        for w in workers:
-            w.stop()
     assert dropped > 0
     assert status.state == "SUCCESS", status.error
     logs = "".join(w.log_path.read_text() for w in workers)
