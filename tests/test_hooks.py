@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import textwrap
 import types
 
@@ -298,6 +300,30 @@ class ReturnsNoImages:
         return []
 
 
+class ReturnsSmallerImages:
+    @hookimpl
+    def inpaint_postprocess(self, images):
+        return [image.resize((32, 32)) for image in images]
+
+
+class ReturnsRGBAImages:  # JPEG cannot hold it: the job would fail as internal while encoding
+    @hookimpl
+    def inpaint_postprocess(self, images):
+        return [image.convert("RGBA") for image in images]
+
+
+class ReturnsArrays:
+    @hookimpl
+    def inpaint_postprocess(self, images):
+        return [np.asarray(image) for image in images]
+
+
+class ReturnsDoubleLatents:  # the transformer would fail on it as internal, naming no plugin
+    @hookimpl
+    def inpaint_step_end(self, latents):
+        return {"latents": latents.double()}
+
+
 class ReturnsAnImageFromPreprocess:
     @hookimpl
     def inpaint_preprocess(self, job):
@@ -317,16 +343,23 @@ class ReturnsAnotherKey:
 
 
 @pytest.mark.parametrize(("plugin", "expected"), [
-    (ReturnsOneImage, "returned an object of type Image; expected None or a list of 1 images"),
+    (ReturnsOneImage, "returned an image of 64x64 in mode RGB; expected None or a list of 1 images"),
     (ReturnsNoImages, "returned a list of 0; expected None or a list of 1 images"),
-    (ReturnsATensor, "returned a tensor of shape [1, 64, 16]; expected None or {'latents': a tensor of shape "
-                     "[1, 64, 16]}"),
-    (ReturnsAnotherKey, "returned {'noise': a tensor of shape [1, 64, 16]}; expected None or {'latents'"),
+    (ReturnsSmallerImages, "returned an image of 32x32 in mode RGB at index 0; expected an image of 64x64 in mode "
+                           "RGB, like the image it replaces"),
+    (ReturnsRGBAImages, "returned an image of 64x64 in mode RGBA at index 0; expected an image of 64x64 in mode RGB"),
+    (ReturnsArrays, "returned an object of type ndarray at index 0; expected an image of 64x64 in mode RGB"),
+    (ReturnsATensor, "returned a tensor of shape [1, 64, 16], float32, on cpu; expected None or {'latents': a tensor "
+                     "of shape [1, 64, 16], float32, on cpu}"),
+    (ReturnsAnotherKey, "returned {'noise': a tensor of shape [1, 64, 16], float32, on cpu}; expected None or "
+                        "{'latents'"),
+    (ReturnsDoubleLatents, "returned {'latents': a tensor of shape [1, 64, 16], float64, on cpu}; expected None or "
+                           "{'latents': a tensor of shape [1, 64, 16], float32, on cpu}"),
     (ReturnsAnImageFromPreprocess, "returned an object of type Image; this hook returns None (edit the job in place"),
 ])
 def test_a_plugin_returning_the_wrong_thing_fails_the_job_naming_it_and_what_was_expected(runner, plugin, expected):
     with pytest.raises(PluginError) as caught:
-        runner.run(manager=manager_with(("wrong", plugin())))
+        runner.run(manager=manager_with(("wrong", plugin())), output_type="jpeg")
     assert caught.value.plugin == "wrong" and expected in caught.value.message, caught.value.message
 
 
@@ -376,3 +409,113 @@ def test_registering_under_a_taken_name_is_refused_and_the_listed_plugin_is_unto
     rows = {row["name"]: row["status"] for row in manager.describe()}
     assert rows["recorder"] == "active" and rows["mask"] == "active" and rows["off"] == "blocked"
     assert manager.pm.get_plugin("recorder") is first and not manager.report.failed
+
+
+def test_a_plugin_that_calls_sys_exit_fails_its_job_and_the_next_job_runs(runner, caplog):
+    class Exits:
+        @hookimpl
+        def inpaint_step_end(self, step):
+            sys.exit("the plugin gave up")
+
+    class ExitsWhenTold:
+        @hookimpl
+        def inpaint_job_finished(self):
+            sys.exit(3)
+
+    manager = manager_with(("exits", Exits()), ("exits_when_told", ExitsWhenTold()))
+    with pytest.raises(PluginError) as caught:
+        runner.run(manager=manager)
+    assert caught.value.plugin == "exits" and "raised in inpaint_step_end: SystemExit: the plugin gave up" in \
+        caught.value.message
+    assert runner.run(manager=manager, plugins={"exits": False}).images  # a finished hook's exit is only logged
+    assert "'exits_when_told' raised in inpaint_job_finished" in caplog.text
+
+
+def test_a_plugin_that_calls_sys_exit_at_import_is_skipped_and_listed_as_failed(tmp_path, monkeypatch):
+    (tmp_path / "exiting_plugin.py").write_text("import sys\nsys.exit('EXITING_PLUGIN_URL must be set')\n")
+    info = tmp_path / "exiting_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: exiting-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[inpaint_worker]\nexiting = exiting_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = Plugins()
+    assert manager.report.failed["exiting"] == "SystemExit: EXITING_PLUGIN_URL must be set"
+    assert "paste_back" in manager.names and "exiting" not in manager.names
+
+
+def test_each_group_runs_in_registration_order_trylast_included(runner):
+    ran = []
+
+    def plugin(name, **marks):
+        class Named:
+            @hookimpl(**marks)
+            def inpaint_preprocess(self):
+                ran.append(name)
+        return name, Named()
+
+    runner.run(manager=manager_with(plugin("a_last", trylast=True), plugin("b_last", trylast=True), plugin("c"),
+                                    plugin("d"), plugin("e_first", tryfirst=True), plugin("f_first", tryfirst=True)))
+    assert ran == ["e_first", "f_first", "c", "d", "a_last", "b_last"]
+
+
+def test_a_plugins_bad_operator_setting_fails_jobs_naming_it_without_its_value(runner, monkeypatch):
+    from pydantic import BaseModel, ConfigDict, Field
+
+    monkeypatch.setenv("CRM_API_KEY", "sk_live_SUPERSECRET_123")
+
+    class Crm:
+        class Options(BaseModel):
+            model_config = ConfigDict(validate_default=True)
+            api_key: str = Field(default_factory=lambda: os.environ["CRM_API_KEY"], pattern=r"^key-")
+
+        @hookimpl
+        def inpaint_job_finished(self):
+            pass
+
+    with pytest.raises(PluginError) as caught:
+        runner.run(manager=manager_with(("crm", Crm())))
+    assert caught.value.plugin == "crm" and "api_key: String should match pattern" in caught.value.message
+    assert "SUPERSECRET" not in caught.value.message
+
+
+def test_urls_in_a_plugins_error_are_shown_without_their_query(runner):
+    class Fetches:
+        @hookimpl
+        def inpaint_preprocess(self):
+            raise RuntimeError("GET https://user:pw@cdn.example/logo.png?X-Amz-Signature=SECRET-SIG failed: 403")
+
+    with pytest.raises(PluginError) as caught:
+        runner.run(manager=manager_with(("fetches", Fetches())))
+    assert "GET https://cdn.example/logo.png?... failed: 403" in caught.value.message
+    assert "SECRET-SIG" not in caught.value.message and "pw@" not in caught.value.message
+
+
+class Reschedule:
+    def __init__(self, **params):
+        self.params = params
+
+    @hookimpl
+    def inpaint_preprocess(self, job):
+        job.params.update(self.params)
+
+
+def test_a_preprocess_plugin_can_change_the_schedule_and_steps_follow_it(runner):
+    recorder = Recorder()
+    result = runner.run(manager=manager_with(("reschedule", Reschedule(num_inference_steps=6, strength=1.0)),
+                                             ("recorder", recorder)), num_inference_steps=4, strength=0.6)
+    assert [call[1:] for call in recorder.calls if call[0] == "step"] == [(step, 6) for step in range(1, 7)]
+    parameters = result.parameters
+    assert (parameters.num_inference_steps, parameters.strength, parameters.steps_run) == (6, 1.0, 6)
+
+
+@pytest.mark.parametrize(("params", "field", "expected"), [
+    ({"strength": 0.0}, "strength", "greater than 0"),
+    ({"num_inference_steps": 5000}, "num_inference_steps", "must be at most 1000"),
+    ({"num_inference_steps": 300}, "num_inference_steps", "over this worker's cap of 200"),
+    ({"sigmas": [1.0, 0.5]}, "sigmas", "has 2 values but num_inference_steps is 4"),
+])
+def test_a_schedule_a_preprocess_plugin_breaks_is_refused_before_the_pipeline(runner, params, field, expected):
+    with pytest.raises(InvalidRequest) as caught:
+        runner.run(manager=manager_with(("reschedule", Reschedule(**params))), num_inference_steps=4)
+    assert caught.value.field == field and expected in caught.value.message
+    assert "after a preprocess hook changed" in caught.value.message

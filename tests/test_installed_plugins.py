@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,10 +26,12 @@ SECRET = "webhook-test-secret-5b1e"
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """`pip install` the plugin packages, as an operator would, into a directory the workers import from."""
-    target = tmp_path_factory.mktemp("site")
+    target, sources = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("sources")
+    for name in ("watermark", "webhook", "_template"):  # built from copies: a build leaves build/ in its source
+        shutil.copytree(ROOT / "plugins" / name, sources / name, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--target", str(target), str(ROOT / "plugins" / "watermark"),
-                           str(ROOT / "plugins" / "webhook"), str(ROOT / "plugins" / "_template")],
+                           "--target", str(target), *(str(sources / name) for name in ("watermark", "webhook",
+                                                                                      "_template"))],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return target

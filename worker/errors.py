@@ -9,6 +9,9 @@ class JobError(Exception):
     code = "internal"
 
     def __init__(self, message: str, *, field: str | None = None, plugin: str | None = None):
+        from .schema import redacted_text  # schema raises these errors: imported here, not at the top
+
+        message = redacted_text(message)  # a plugin's or a library's text can quote a signed URL
         super().__init__(message)
         self.message = message
         self.field = field

@@ -1,9 +1,9 @@
 """The hooks a plugin can implement: the table of contents of what a plugin can do.
 
 Each hook receives keyword arguments; an implementation takes only the ones it needs (declared
-without defaults: pluggy never passes an argument that has one). A plugin that raises, or
-returns something other than what its hook takes, fails the job it ran in (`plugin_error`,
-naming the plugin), except that raising a `worker.errors.JobError` (e.g. `Cancelled`) ends the
+without defaults: pluggy never passes an argument that has one). A plugin that raises (a
+`sys.exit()` included), or returns something other than what its hook takes, fails the job it
+ran in (`plugin_error`, naming the plugin), except that raising a `worker.errors.JobError` (e.g. `Cancelled`) ends the
 job with that error. The hooks that tell of an outcome (`inpaint_job_finished`,
 `inpaint_job_failed`) and `inpaint_pipeline_loaded` are the exceptions: see each.
 
@@ -36,7 +36,8 @@ def inpaint_preprocess(job: Any) -> None:
     """Before the pipeline runs, in registration order (built-ins first).
 
     Edit `job.image`, `job.mask` (PIL images) and `job.params` (pipeline keyword arguments,
-    e.g. `height`, `width`) in place. Return nothing.
+    e.g. `height`, `width`, `strength`, `num_inference_steps`) in place; the job checks them again
+    after the last hook, as it checked the request. Return nothing.
     """
 
 
@@ -46,7 +47,7 @@ def inpaint_step_end(job: Any, step: int, total_steps: int, timestep: Any, laten
 
     `step` counts from 1 to `total_steps` (the steps that really run) for image `job.image_index`;
     `latents` are the packed latents, as the plugins before this one left them. Return
-    `{"latents": tensor}` (the same shape) to replace them, or None.
+    `{"latents": tensor}` (the same shape, dtype and device) to replace them, or None.
     """
 
 
@@ -54,7 +55,9 @@ def inpaint_step_end(job: Any, step: int, total_steps: int, timestep: Any, laten
 def inpaint_postprocess(job: Any, images: list) -> list | None:
     """After the pipeline, once per job with all its images (PIL, or tensors for output_type latent).
 
-    Overlays go here. Return a new list of the same length, or None after editing in place.
+    Overlays go here. Return a new list of the same length, each item like the one it replaces
+    (an image of the same size and mode; a tensor of the same shape, dtype and device), or None
+    after editing in place.
     Plugins run in turn, each seeing the previous one's images.
     """
 

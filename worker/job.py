@@ -29,7 +29,16 @@ from .io_pool import at_once, retry_until
 from .outputs import CONTENT_TYPES, EXTENSIONS, MAX_SIDE, OutputSink, encode_output, put_all, remove
 from .pipeline import LoadedModel, count_prompt_tokens, generator, template_closing_tokens
 from .plugins import JobHooks, Plugins
-from .schema import EffectiveParameters, ImageOutput, InpaintRequest, InpaintResult, Limits, parse_request, redacted
+from .schema import (
+    EffectiveParameters,
+    ImageOutput,
+    InpaintRequest,
+    InpaintResult,
+    Limits,
+    parse_request,
+    redacted,
+    steps_run,
+)
 from .settings import Settings
 from .tracking import Reporter, Tracker, no_reporter
 
@@ -72,7 +81,8 @@ class Job:
 
     @property
     def steps_run(self) -> int:
-        return self.request.steps_run
+        """The steps the pipeline runs, by `params` (a preprocess hook may change the schedule)."""
+        return steps_run(self.params["num_inference_steps"], self.params["strength"])
 
     @property
     def true_cfg(self) -> bool:
@@ -106,7 +116,7 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
         check_ready(job, model)
         images = generate(job, model, hooks)
         job.tracker.enter("postprocessing")
-        images = hooks.chain("inpaint_postprocess", "images", images, same_count, job=job)
+        images = hooks.chain("inpaint_postprocess", "images", images, same_images, job=job)
         job.tracker.enter("uploading")
         result = write_outputs(job, model, images, sink)
         hooks.notify("inpaint_job_finished", job=job, result=result)
@@ -158,6 +168,7 @@ def load_inputs(job: Job, fetcher: Fetcher) -> None:
 def check_ready(job: Job, model: LoadedModel) -> None:
     """What can only be checked once inputs are loaded and preprocessed, before any GPU time is spent."""
     request = job.request
+    check_schedule(job)
     check_sizes(job, model)
     if job.image.mode != "RGB":
         raise InvalidRequest("image", f"mode {job.image.mode} reached the pipeline; the normalize plugin converts "
@@ -172,6 +183,23 @@ def check_ready(job: Job, model: LoadedModel) -> None:
     if "latents" in job.tensors and job.tensors["latents"].shape[0] not in (1, len(job.items)):
         raise InvalidRequest("latents", f"has {job.tensors['latents'].shape[0]} rows for {len(job.items)} images; "
                              f"give 1 row (shared by every image) or {len(job.items)} (one per image)")
+
+
+SCHEDULE = ("num_inference_steps", "strength", "sigmas")
+
+
+def check_schedule(job: Job) -> None:
+    """The denoising schedule, when a preprocess hook changed it in `params`, checked as the request's was."""
+    changed = {name: job.params[name] for name in SCHEDULE if job.params[name] != getattr(job.request, name)}
+    if not changed:
+        return
+    schedule = {name: job.params[name] for name in SCHEDULE}
+    try:  # the request's own checks, on a request that differs from a valid one only in its schedule
+        parse_request({"prompt": "-", "image": "-", "mask_image": "-", **schedule})
+        job.limits.check_steps(schedule["num_inference_steps"])
+    except InvalidRequest as error:
+        raise InvalidRequest(error.field, f"{error.message.removeprefix(error.field + ': ')} (after a preprocess "
+                             f"hook changed {', '.join(sorted(changed))} in job.params)") from None
 
 
 def output_size(job: Job) -> tuple[int, int]:
@@ -355,23 +383,31 @@ def step_callback(job: Job, hooks: JobHooks):
     return on_step_end
 
 
-def same_count(returned: Any, images: list[Any]) -> list[Any]:
+def same_images(returned: Any, images: list[Any]) -> list[Any]:
+    """A postprocess hook's images: as many as it was given, each like the one it replaces (a PIL image of the same
+    size and mode; for output_type latent, a tensor of the same shape, dtype and device)."""
     if not isinstance(returned, list) or len(returned) != len(images):
         raise TypeError(f"returned {describe(returned)}; expected None or a list of {len(images)} images")
+    for index, (new, old) in enumerate(zip(returned, images, strict=True)):
+        if describe(new) != describe(old):
+            raise TypeError(f"returned {describe(new)} at index {index}; expected {describe(old)}, like the image "
+                            "it replaces")
     return returned
 
 
 def replaced_latents(returned: Any, latents: torch.Tensor) -> torch.Tensor:
     new = returned.get("latents", latents) if isinstance(returned, dict) and set(returned) <= {"latents"} else None
-    if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
-        raise TypeError(f"returned {describe(returned)}; expected None or {{'latents': a tensor of shape "
-                        f"{list(latents.shape)}}}")
+    if describe(new) != describe(latents):
+        raise TypeError(f"returned {describe(returned)}; expected None or {{'latents': {describe(latents)}}}")
     return new
 
 
 def describe(value: Any) -> str:
+    """What a hook returned, as far as the job needs it to be: kind, shape and type."""
     if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {list(value.shape)}"
+        return f"a tensor of shape {list(value.shape)}, {str(value.dtype).removeprefix('torch.')}, on {value.device}"
+    if isinstance(value, Image.Image):
+        return f"an image of {value.width}x{value.height} in mode {value.mode}"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key!r}: {describe(item)}" for key, item in value.items()) + "}"
     return f"a list of {len(value)}" if isinstance(value, list) else f"an object of type {type(value).__name__}"
@@ -398,7 +434,7 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
         images=outputs,
         parameters=EffectiveParameters(
             width=width, height=height, processing_width=job.params["width"], processing_height=job.params["height"],
-            num_inference_steps=request.num_inference_steps, strength=request.strength,
+            num_inference_steps=job.params["num_inference_steps"], strength=job.params["strength"],
             steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=request.true_cfg_scale,
             guidance_scale=job.params["guidance_scale"] if model.guidance_distilled else None,
             padding_mask_crop=job.params["padding_mask_crop"], images=len(outputs), seeds=[s for _, s in job.items],

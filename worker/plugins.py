@@ -15,6 +15,9 @@ from .errors import InvalidRequest, JobError, PluginError
 
 log = logging.getLogger(__name__)
 
+# What a plugin's code may raise without taking the worker down: a `sys.exit()` in a hook or at import too
+# (SystemExit escaping a job leaves Celery's pool thread with its message neither acked nor failed).
+PLUGIN_FAULTS = (Exception, SystemExit)
 ENTRY_POINT_GROUP = "inpaint_worker"
 HOOK_NAMES = sorted(name for name in vars(hooks) if name.startswith("inpaint_"))
 DEFAULT_PLUGINS = (
@@ -69,7 +72,7 @@ class Plugins:
             return
         try:
             self._register(importlib.import_module(module), name)
-        except Exception as error:  # a broken plugin never stops the worker
+        except PLUGIN_FAULTS as error:  # a broken plugin never stops the worker
             self._skip(name, error)
 
     def _register(self, plugin: Any, name: str) -> None:
@@ -101,7 +104,7 @@ class Plugins:
                 continue
             try:
                 self._register(entry.load(), entry.name)
-            except Exception as error:
+            except PLUGIN_FAULTS as error:
                 self._skip(entry.name, error)
 
     def _skip(self, name: str, error: BaseException) -> None:
@@ -126,7 +129,7 @@ class Plugins:
         for impl in in_order(self.pm.hook.inpaint_pipeline_loaded.get_hookimpls()):
             try:
                 impl.function(**{arg: {"pipe": pipe, "settings": settings}[arg] for arg in impl.argnames})
-            except Exception as error:
+            except PLUGIN_FAULTS as error:
                 self.pm.unregister(name=impl.plugin_name)
                 self._skip(impl.plugin_name, error)
 
@@ -183,8 +186,9 @@ class Plugins:
     def _operator_defaults(name: str, model: Any) -> Any:
         try:
             return model()
-        except Exception as error:  # the operator's configuration, not the request, is wrong
-            raise PluginError(name, "Options", error) from None
+        except Exception as error:  # the operator's configuration, not the request, is wrong: told without the
+            # values (pydantic quotes them, and an operator's default can be a secret from the environment)
+            raise PluginError(name, "Options", ValueError(f"the operator's settings: {_first_line(error)}")) from None
 
     def for_job(self, disabled: Iterable[str]) -> JobHooks:
         return JobHooks(self, [self.pm.get_plugin(n) for n in disabled if self.pm.get_plugin(n) is not None])
@@ -233,7 +237,7 @@ class JobHooks:
         for impl in self._impls(name):
             try:
                 self._call_one(impl, name, kwargs)
-            except Exception:
+            except PLUGIN_FAULTS:
                 log.exception("plugin %r raised in %s (logged only: the job's outcome stands)", impl.plugin_name,
                               name)
 
@@ -243,15 +247,19 @@ class JobHooks:
             return impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
         except JobError:
             raise
-        except Exception as error:
+        except PLUGIN_FAULTS as error:
             if type(error).__name__ == "OutOfMemoryError":  # torch's: the job's memory, not the plugin's fault
                 raise
             raise PluginError(impl.plugin_name, name, error) from error
 
 
 def in_order(impls: Iterable[Any]) -> list[Any]:
-    """Registration order (pluggy lists implementations that way), `tryfirst` ones first, `trylast` ones last."""
-    return sorted(impls, key=lambda i: 0 if i.tryfirst else 2 if i.trylast else 1)
+    """Registration order, `tryfirst` ones first, `trylast` ones last. pluggy lists plain and `tryfirst`
+    implementations in registration order but puts each new `trylast` one at the front."""
+    impls = list(impls)
+    first = [impl for impl in impls if impl.tryfirst]
+    plain = [impl for impl in impls if not (impl.tryfirst or impl.trylast)]
+    return first + plain + [impl for impl in reversed(impls) if impl.trylast]
 
 
 def _version(distribution: str) -> str:

@@ -194,9 +194,7 @@ class InpaintRequest(BaseModel):
 
     @property
     def steps_run(self) -> int:
-        """Denoising steps that really run, computed exactly as the pipeline trims the schedule."""
-        n = self.num_inference_steps
-        return n - int(max(n - min(n * self.strength, n), 0))
+        return steps_run(self.num_inference_steps, self.strength)
 
     def plugin_enabled(self, name: str) -> bool:
         return self.plugins.get(name, True) is not False
@@ -204,6 +202,12 @@ class InpaintRequest(BaseModel):
     def plugin_options(self, name: str) -> dict[str, Any]:
         options = self.plugins.get(name)
         return options if isinstance(options, dict) else {}
+
+
+def steps_run(num_inference_steps: int, strength: float) -> int:
+    """Denoising steps that really run, computed exactly as the pipeline trims the schedule."""
+    n = num_inference_steps
+    return n - int(max(n - min(n * strength, n), 0))
 
 
 SECRET_KEY = re.compile(r"secret|token|passw|api_?key|authori[sz]ation|credential|signature", re.I)
@@ -227,14 +231,33 @@ def redacted(value: Any) -> Any:
 
 
 def redacted_reference(ref: str) -> str:
-    """One reference as it may be shown: `data:` URLs by size, other URLs without query or credentials."""
+    """One reference as it may be shown: `data:` URLs by size, other URLs without query or credentials (even
+    a malformed one)."""
     if ref.startswith("data:"):
         return f"{ref.split(',', 1)[0][:100]},... ({len(ref)} characters)"
-    parts = urlsplit(ref)
-    if not parts.scheme or "://" not in ref:  # a prompt like "photo: a cat" is no URL
+    if "://" not in ref:  # a prompt like "photo: a cat" is no URL
+        return ref
+    try:
+        parts = urlsplit(ref)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        scheme, _, rest = ref.split("?", 1)[0].split("#", 1)[0].partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+    if not parts.scheme:
         return ref
     query = "?..." if parts.query or parts.fragment else ""  # e.g. redis+socket:///run/r.sock?password=...
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"  # no user:password@
+
+
+URL_IN_TEXT = re.compile(r"\b(?:data:[\w.+/-]*[;,]|[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*")
+
+
+def redacted_text(text: str) -> str:
+    """Free text (an error message from a plugin or a library) with each URL in it shown as `redacted_reference`
+    shows one."""
+    def shown(url: re.Match) -> str:
+        return url.group() if url.group().endswith(",...") else redacted_reference(url.group())  # shown already
+
+    return URL_IN_TEXT.sub(shown, text)
 
 
 def _field_error(field: str, message: str) -> ValueError:
@@ -267,10 +290,7 @@ class Limits:
     size_factor: int
 
     def check(self, request: InpaintRequest) -> None:
-        if request.num_inference_steps > self.max_steps:
-            raise InvalidRequest(
-                "num_inference_steps", f"{request.num_inference_steps} is over this worker's cap of {self.max_steps}"
-            )
+        self.check_steps(request.num_inference_steps)
         self.check_images(request.image_count)
         if request.deadline_s is not None and request.deadline_s > self.max_deadline_s:
             raise InvalidRequest("deadline_s", f"{request.deadline_s} is over this worker's cap of "
@@ -282,6 +302,12 @@ class Limits:
                     name, f"{value} is not a multiple of {self.size_factor} (the model's size factor); "
                     f"try {max(self.size_factor, round(value / self.size_factor) * self.size_factor)}"
                 )
+
+    def check_steps(self, num_inference_steps: int) -> None:
+        if num_inference_steps > self.max_steps:
+            raise InvalidRequest(
+                "num_inference_steps", f"{num_inference_steps} is over this worker's cap of {self.max_steps}"
+            )
 
     def check_images(self, count: int) -> None:
         if count > self.max_images:

@@ -45,7 +45,7 @@ def parse_s3(ref: str, field: str) -> tuple[str, str]:
     parts = urlsplit(ref)
     bucket, key = parts.netloc, parts.path.lstrip("/")
     if not bucket or not key:
-        raise InvalidRequest(field, f"{shown_url(ref)!r} is not s3://bucket/key")
+        raise InvalidRequest(field, f"{redacted_reference(ref)!r} is not s3://bucket/key")
     return bucket, key
 
 
@@ -104,7 +104,7 @@ class StorageFetcher:
                              "use s3://bucket/key, a data: URL, or https:// on an allowed host", field=field)
 
     def _fetch_s3(self, ref: str, field: str) -> bytes:
-        shown = shown_url(ref)  # a query (a copied presigned URL's signature) is not shown
+        shown = redacted_reference(ref)  # a query (a copied presigned URL's signature) is not shown
         bucket, key = parse_s3(ref, field)
         if bucket not in self.settings.input_buckets:
             raise InputForbidden(f"{field}: bucket {bucket!r} is not one this worker reads "
@@ -130,7 +130,7 @@ class StorageFetcher:
             raise InputForbidden(f"{field}: reading {shown} was refused ({code})", field=field) from None
 
     def _fetch_https(self, ref: str, field: str) -> bytes:
-        shown = shown_url(ref)  # signed URLs carry their signature in the query
+        shown = redacted_reference(ref)  # signed URLs carry their signature in the query
         parts = parse_https(ref, field, shown)
         host = parts.hostname or ""
         if host not in self.settings.http_allow:
@@ -170,15 +170,6 @@ HTTPS_FETCH_TIMEOUT_S = 60.0
 HTTPS_READ_TIMEOUT_S = 30.0  # connecting, or waiting for the next bytes
 HTTPS_CHUNK_BYTES = 64 * 1024
 HTTPS_RETRIED_STATUSES = {408, 429}  # and every 5xx: the server's passing trouble, not the request's
-
-
-def shown_url(ref: str) -> str:
-    """The URL as errors and logs may show it: without query, fragment or credentials, even when it is malformed."""
-    try:
-        return redacted_reference(ref)
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        scheme, _, rest = ref.split("?", 1)[0].split("#", 1)[0].partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 def parse_https(ref: str, field: str, shown: str) -> SplitResult:
