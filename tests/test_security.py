@@ -116,3 +116,14 @@ def test_what_is_recorded_of_a_request_holds_no_credentials_and_no_megabytes():
     socket_url = "redis+socket:///run/redis.sock?password=S3CRET&db=0"
     assert redacted(socket_url) == "redis+socket:///run/redis.sock?..."
     assert redacted("photo: a cat, http-free") == "photo: a cat, http-free"
+
+
+def test_a_refused_request_quoting_a_signed_url_shows_it_without_its_query():
+    from worker.errors import InvalidRequest
+    from worker.schema import parse_request
+
+    with pytest.raises(InvalidRequest) as caught:  # pydantic quotes the value it refused
+        parse_request({"prompt": "x", "image": ["https://cdn.example/a.png?token=SECRET-TOKEN-42"],
+                       "mask_image": "s3://inputs/mask.png"})
+    assert caught.value.field == "image" and "https://cdn.example/a.png?..." in caught.value.message
+    assert "SECRET-TOKEN-42" not in str(caught.value.to_dict())
