@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import time
 
 import pytest
+import redis
 
 from worker.app import make_app
 from worker.client import InpaintClient, RedisUnavailable
@@ -128,3 +132,25 @@ def test_a_broker_that_takes_the_connection_and_never_answers_cannot_hang_submit
     finally:
         backend.stop()
         silent.close()
+
+
+def test_a_broker_that_stalls_mid_send_fails_submit_within_one_timeout_and_a_retry_runs_the_job_once(tmp_path):
+    broker, backend = RedisServer(tmp_path / "broker").start(), RedisServer(tmp_path / "backend").start()
+    try:
+        client = InpaintClient.from_settings(Settings(broker_url=broker.url, result_backend=backend.url))
+        client.submit(REQUEST, job_id="order-warm")  # the client's broker connection is open
+        os.kill(broker.process.pid, signal.SIGSTOP)  # Redis takes what is sent and answers nothing
+        try:
+            error, took = timed(lambda: client.submit(REQUEST, job_id="order-8"))
+        finally:
+            os.kill(broker.process.pid, signal.SIGCONT)
+        assert isinstance(error, RedisUnavailable), error
+        assert took < BOUND_S * 1.5, f"took {took:.1f} s: a publish tried again after a timeout"  # it took 60 s
+        assert "submitting it again with the same job_id runs it once" in str(error)
+        assert client.submit(REQUEST, job_id="order-8") == "order-8"
+        queued = [json.loads(message)["headers"]["id"] for message in redis.Redis.from_url(broker.url).lrange(
+            "celery", 0, -1)]
+        assert "order-8" in queued  # sent by the retry, and perhaps by the stalled send too: the lease runs one
+    finally:
+        broker.stop()
+        backend.stop()

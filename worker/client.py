@@ -50,6 +50,7 @@ end
 return 0
 """
 CLAIMED, SENDING = 1, 2  # and 0: sent
+SEND_TRIES = 3
 
 
 class RedisUnavailable(ConnectionError):
@@ -57,7 +58,7 @@ class RedisUnavailable(ConnectionError):
 
     def __init__(self, url: str, reason: str):
         super().__init__(f"cannot reach Redis at {url}: {reason}")
-        self.url = url
+        self.url, self.reason = url, reason
 
 
 class JobStatus(BaseModel):
@@ -133,22 +134,39 @@ class InpaintClient:
             time.sleep(0.05)
 
     def _send(self, job_id: str, payload: dict) -> None:
-        try:
-            with self._reaching(self._broker_url):
-                self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id,
-                                   headers={"inpaint_submitted_at": time.time()},  # for the queue-wait metric
-                                   # what task events (Flower) show instead of the request
-                                   argsrepr="()", kwargsrepr=kwargs_summary(payload))
-        except Exception:
+        """Publish the job: once more after a dropped connection (a Redis restart leaves pooled ones dead), never
+        after a timeout, which keeps a submit within one socket timeout and may come after Redis took the job."""
+        for attempt in range(SEND_TRIES):
             try:
-                self.redis.delete(submitted_key(job_id))  # not enqueued: let a retry with this id through
-            except Exception:  # Redis is away for this too: the claim lapses after claim_hold_s
-                pass
-            raise
+                with self._reaching(self._broker_url):
+                    self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id, retry=False,
+                                       headers={"inpaint_submitted_at": time.time()},  # for the queue-wait metric
+                                       # what task events (Flower) show instead of the request
+                                       argsrepr="()", kwargsrepr=kwargs_summary(payload))
+                break
+            except RedisUnavailable as error:
+                if attempt + 1 < SEND_TRIES and not timed_out(error):
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                self._unclaim(job_id)
+                if timed_out(error):
+                    raise RedisUnavailable(error.url, f"{error.reason}; if Redis took the job before it timed out, the "
+                                           "job runs: submitting it again with the same job_id runs it once") from error
+                raise
+            except Exception:
+                self._unclaim(job_id)
+                raise
         try:
             self.redis.set(submitted_key(job_id), "sent", ex=self.result_expires_s)
         except Exception as error:  # the job is queued; only a retry after claim_hold_s could send it twice
             log.warning("job %s is queued but its claim could not be confirmed: %s", job_id, error)
+
+    def _unclaim(self, job_id: str) -> None:
+        """Not sent (or not known to be): let a retry with this id through at once."""
+        try:
+            self.redis.delete(submitted_key(job_id))
+        except Exception:  # Redis is away for this too: the claim lapses after claim_hold_s
+            pass
 
     def status(self, job_id: str) -> JobStatus:
         with self._reaching(self._backend_url):
@@ -237,6 +255,18 @@ def connection_error(error: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__
     return None
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether a connection error was a timeout: Redis may have done what it was asked, its reply lost."""
+    import redis.exceptions
+
+    seen: BaseException | None = error
+    for _ in range(5):
+        if isinstance(seen, TimeoutError | redis.exceptions.TimeoutError):
+            return True
+        seen = seen.__cause__ if seen is not None else None
+    return False
 
 
 def _password(url: str) -> str | None:
