@@ -27,11 +27,12 @@ SECRET = "webhook-test-secret-5b1e"
 def installed(tmp_path_factory) -> Path:
     """`pip install` the plugin packages, as an operator would, into a directory the workers import from."""
     target, sources = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("sources")
-    for name in ("watermark", "webhook", "_template"):  # built from copies: a build leaves build/ in its source
-        shutil.copytree(ROOT / "plugins" / name, sources / name, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    names = ("watermark", "webhook", "_template")
+    leftovers = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    for name in names:  # built from copies: a build leaves build/ in its source, and a copy of the template ships it
+        shutil.copytree(ROOT / "plugins" / name, sources / name, ignore=leftovers)
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--target", str(target), *(str(sources / name) for name in ("watermark", "webhook",
-                                                                                      "_template"))],
+                           "--target", str(target), *(str(sources / name) for name in names)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return target

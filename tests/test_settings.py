@@ -58,6 +58,9 @@ SCHEMES = "must be a Redis URL starting with redis://, rediss://, redis+socket:/
     pytest.param("INPAINT_BROKER_URL", f"{PASSWORD}@localhost:6379/0", f"{SCHEMES} no scheme", id="broker-no-scheme"),
     pytest.param("INPAINT_RESULT_BACKEND", f"unix:///run/redis.sock?password={PASSWORD}",
                  f"{SCHEMES} scheme unix:// (a Unix socket: redis+socket:///path/to/redis.sock)", id="backend-unix"),
+    # Celery's Redis client refuses it in every call (a bare ValueError), the worker's and every client's
+    pytest.param("INPAINT_BROKER_URL", f"rediss://:{PASSWORD}@redis.example.com:6380/0",
+                 "a rediss:// URL needs ?ssl_cert_reqs=required (or optional, or none", id="rediss-no-cert-reqs"),
 ])
 def test_launch_refuses_a_setting_that_would_break_the_service_by_name_and_without_echoing_a_password(name, value,
                                                                                                        says):
@@ -85,6 +88,7 @@ def test_a_log_level_in_any_case_is_the_level_the_worker_logs_at(monkeypatch, gi
 
 @pytest.mark.parametrize("url", ["redis://localhost:6379/0", f"redis://:{PASSWORD}@10.0.0.5:6379/0",
                                  f"rediss://:{PASSWORD}@redis.example.com:6380/1?ssl_cert_reqs=required",
+                                 "rediss://redis.example.com:6380/1?ssl_cert_reqs=CERT_NONE",
                                  f"redis+socket:///run/redis/redis.sock?password={PASSWORD}&virtual_host=2"])
 def test_every_kind_of_redis_url_kombu_and_celery_take_is_accepted(url):
     from worker.app import make_app

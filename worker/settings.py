@@ -6,6 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -145,6 +146,11 @@ class Settings(BaseSettings):
     @field_validator("broker_url", "result_backend")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("rediss://"):
+            reqs = parse_qs(urlsplit(value).query).get("ssl_cert_reqs", [""])[-1]
+            if reqs.upper().removeprefix("CERT_") not in ("REQUIRED", "OPTIONAL", "NONE"):
+                raise ValueError("a rediss:// URL needs ?ssl_cert_reqs=required (or optional, or none: no certificate "
+                                 "check), the TLS certificate check Celery's Redis client must be told")
         if value is None or value.startswith(REDIS_SCHEMES):
             return value
         # only the scheme is shown: the rest of the URL may hold a password
