@@ -172,6 +172,32 @@ def test_submit_refuses_a_local_file_that_does_not_exist_before_sending(stack, c
     assert client.status(job_id).state == "PENDING"
 
 
+def test_submit_refuses_a_local_tensor_file_that_does_not_exist_before_sending(stack, client, tmp_path):
+    from worker.app import submitted_key
+
+    photo().save(tmp_path / "image.png")
+    box_mask().save(tmp_path / "mask.png")
+    job_id = f"latents-{time.monotonic_ns()}"
+    done = cli("submit", "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
+               "--prompt", "x", "--job-id", job_id, "--set", f"latents={tmp_path / 'noise.safetensors'}",
+               env=submit_env(stack))
+    assert done.returncode == 2, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["field"] == "latents" and "no such file" in error["message"]
+    assert not client.redis.exists(submitted_key(job_id))
+
+
+def test_submit_exits_2_when_the_worker_refuses_the_request(stack, worker, tmp_path):
+    photo().save(tmp_path / "image.png")
+    box_mask().save(tmp_path / "mask.png")
+    done = cli("submit", "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
+               "--prompt", "x", "--set", "height=100", "--quiet", "--timeout", "120", env=submit_env(stack))
+    assert done.returncode == 2, (done.returncode, done.stderr)  # as `run` exits for the same request
+    status = json.loads(done.stdout)
+    assert status["state"] == "FAILURE" and status["error"]["code"] == "invalid_request"
+    assert status["error"]["field"] == "height"
+
+
 def test_submit_timeout_says_the_job_goes_on_and_exits_3(stack, client, worker, tmp_path):
     photo().save(tmp_path / "image.png")
     box_mask().save(tmp_path / "mask.png")

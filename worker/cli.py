@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     submit = commands.add_parser(
         "submit", help="enqueue a job and follow its progress, then print the result",
         description="Enqueue a job (INPAINT_BROKER_URL), follow its progress, print its status as JSON. Exit "
-        "status: 0 succeeded; 1 failed, or Redis could not be reached; 2 invalid request; 3 --timeout passed "
-        "(the job goes on).")
+        "status: 0 succeeded; 1 failed, or Redis could not be reached; 2 invalid request (refused here or by the "
+        "worker); 3 --timeout passed (the job goes on).")
     submit.add_argument("--image", help="s3://bucket/key, https:// on an allowed host, or a local file (sent inline)")
     submit.add_argument("--mask", help="the mask, as --image")
     submit.add_argument("--prompt")
@@ -196,10 +196,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import time
 
     from .client import InpaintClient, RedisUnavailable
+    from .schema import REFERENCE_FIELDS
 
     try:
         request = build_request(args)
-        for name in ("image", "mask_image"):  # local files travel inline; checked before anything is sent
+        for name in REFERENCE_FIELDS:  # local files travel inline; checked before anything is sent
             if name in request:
                 request[name] = inline_local_file(name, request[name])
         client = InpaintClient.from_env()
@@ -230,7 +231,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"timed out after {args.timeout:g} s; the job goes on (state {status.state}, job {job_id})",
               file=sys.stderr)
         return EXIT_TIMED_OUT
-    return 0 if status.state == "SUCCESS" else EXIT_FAILED
+    if status.state == "SUCCESS":
+        return 0
+    return EXIT_INVALID if (status.error or {}).get("code") == "invalid_request" else EXIT_FAILED
 
 
 def inline_local_file(field: str, ref: Any) -> Any:

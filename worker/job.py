@@ -30,6 +30,7 @@ from .outputs import CONTENT_TYPES, EXTENSIONS, MAX_SIDE, OutputSink, encode_out
 from .pipeline import LoadedModel, count_prompt_tokens, generator, template_closing_tokens
 from .plugins import JobHooks, Plugins
 from .schema import (
+    REFERENCE_FIELDS,
     EffectiveParameters,
     ImageOutput,
     InpaintRequest,
@@ -43,8 +44,6 @@ from .settings import Settings
 from .tracking import Reporter, Tracker, no_reporter
 
 log = logging.getLogger(__name__)
-TENSOR_FIELDS = ("masked_image_latents", "latents", "prompt_embeds", "prompt_embeds_mask",
-                 "negative_prompt_embeds", "negative_prompt_embeds_mask")
 PIPELINE_FIELDS = ("height", "width", "padding_mask_crop", "strength", "num_inference_steps", "sigmas",
                    "true_cfg_scale", "guidance_scale", "attention_kwargs", "max_sequence_length")
 DISTILLED_GUIDANCE_SCALE = 1.0  # the pipeline spec's default; upstream's None fails on a guidance-distilled model
@@ -155,7 +154,7 @@ def guidance_scale(request: InpaintRequest, model: LoadedModel) -> float | None:
 
 def load_inputs(job: Job, fetcher: Fetcher) -> None:
     """Fetch every input at once (each can be a network round trip), then decode them in order."""
-    refs = {name: getattr(job.request, name) for name in ("image", "mask_image", *TENSOR_FIELDS)}
+    refs = {name: getattr(job.request, name) for name in REFERENCE_FIELDS}
     refs = {name: ref for name, ref in refs.items() if ref is not None}
     fetched = dict(zip(refs, at_once(*(partial(fetcher.fetch, ref, name) for name, ref in refs.items())),
                        strict=True))

@@ -204,6 +204,11 @@ class InpaintRequest(BaseModel):
         return options if isinstance(options, dict) else {}
 
 
+# what a job fetches (s3://, https://, data:): the pictures and the tensors
+REFERENCE_FIELDS = ("image", "mask_image", "masked_image_latents", "latents", "prompt_embeds", "prompt_embeds_mask",
+                    "negative_prompt_embeds", "negative_prompt_embeds_mask")
+
+
 def steps_run(num_inference_steps: int, strength: float) -> int:
     """Denoising steps that really run, computed exactly as the pipeline trims the schedule."""
     n = num_inference_steps
