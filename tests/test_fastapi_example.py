@@ -112,6 +112,8 @@ def test_delete_cancels_a_running_job(stack, worker, http):
 
     body = poll(http, job_id, done)
     assert body["state"] == "FAILURE" and body["error"]["code"] == "cancelled", body
+    again = http.delete(f"/jobs/{job_id}")  # it has ended: nothing to cancel, the outcome stands
+    assert again.status_code == 409 and again.json()["error"]["code"] == "already_ended", again.text
 
 
 def test_events_stream_progress_then_done(stack, worker, http):
@@ -142,8 +144,9 @@ def test_the_events_stream_is_bounded_by_its_timeout(http, stack):
 
 def test_an_id_nobody_submitted_is_not_found_where_a_queued_one_is_pending(http, client, stack):
     unknown = f"never-{time.monotonic_ns()}"
-    for path in (f"/jobs/{unknown}", f"/jobs/{unknown}/events"):
-        response = http.get(path)
+    for method, path in (("GET", f"/jobs/{unknown}"), ("GET", f"/jobs/{unknown}/events"),
+                         ("DELETE", f"/jobs/{unknown}")):
+        response = http.request(method, path)
         assert response.status_code == 404, path
         assert response.json()["error"] == {"code": "not_found", "field": "job_id",
                                             "message": f"no job {unknown!r} was submitted (or it expired)"}

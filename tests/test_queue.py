@@ -72,15 +72,17 @@ def test_progress_is_polled_with_increasing_steps_up_to_the_steps_that_run(stack
 def test_cancel_a_queued_and_a_running_job(stack, client, worker):
     running = client.submit(request(stack, num_inference_steps=40, strength=1.0, plugins=SLOW))
     queued = client.submit(request(stack))
-    client.cancel(queued)
+    assert client.cancel(queued) == "requested"
     wait_for_step(client, running, 2)
-    client.cancel(running)
+    assert client.cancel(running) == "requested"
     for job_id in (running, queued):
         status = client.wait(job_id, timeout=60)
         assert status.state == "FAILURE" and status.error["code"] == "cancelled", status
         assert objects(stack, job_id) == {}
     assert "step" in client.status(running).error["message"]
-    assert client.wait(client.submit(request(stack)), timeout=60).state == "SUCCESS"
+    succeeded = client.submit(request(stack))
+    assert client.wait(succeeded, timeout=60).state == "SUCCESS"
+    assert client.cancel(succeeded) == "ended" and client.status(succeeded).state == "SUCCESS"
 
 
 def wait_for_step(client, job_id: str, step: int, timeout: float = 60) -> None:
@@ -322,7 +324,7 @@ def test_task_events_show_a_redacted_summary_of_the_request(stack, client, worke
 
 def test_a_cancel_of_an_id_never_submitted_does_not_cancel_it_when_it_is_submitted_later(stack, client, worker):
     job_id = f"later-{time.monotonic_ns()}"
-    client.cancel(job_id)  # before anyone submitted it: nothing to cancel
+    assert client.cancel(job_id) == "unknown"  # before anyone submitted it: nothing to cancel
     assert client.submit(request(stack), job_id=job_id) == job_id
     status = client.wait(job_id, timeout=60)
     assert status.state == "SUCCESS", status.error

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from pydantic import BaseModel
@@ -208,10 +208,19 @@ class InpaintClient:
                 pass
         return self.status(job_id)
 
-    def cancel(self, job_id: str) -> None:
-        """A queued job will not start; a running one stops within one denoising step and writes no result."""
+    def cancel(self, job_id: str) -> Literal["requested", "ended", "unknown"]:
+        """A queued job will not start; a running one stops within one denoising step and writes no result.
+
+        Returns `requested`; `ended` when the job had ended already (its outcome stands, nothing is done); or
+        `unknown` for an id no `submit` sent (the cancel is kept all the same, for a job sent with plain
+        `send_task`, until `submit` sends the id or `result_expires_s` passes).
+        """
+        status = self.status(job_id)
+        if status.done:
+            return "ended"
         with self._reaching(self._backend_url):
             self.redis.set(cancel_key(job_id), "1", ex=self.result_expires_s)
+        return "requested" if status.submitted else "unknown"
 
     @property
     def _backend_url(self) -> str:

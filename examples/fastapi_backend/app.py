@@ -83,9 +83,14 @@ def get_job(job_id: str, client: Client) -> Any:
 
 
 @router.delete("/jobs/{job_id}", status_code=202)
-def cancel_job(job_id: str, client: Client) -> dict[str, Any]:
+def cancel_job(job_id: str, client: Client) -> Any:
     # 202, not 200: the job ends FAILURE/cancelled only once the worker sees the flag (before the next step)
-    client.cancel(job_id)
+    outcome = client.cancel(job_id)
+    if outcome == "unknown":
+        return _not_found(job_id)
+    if outcome == "ended":
+        return _error(409, "already_ended", "job_id", f"job {job_id!r} has ended: nothing to cancel (GET it for its "
+                      "outcome)")
     return {"job_id": job_id, "cancel_requested": True}
 
 
