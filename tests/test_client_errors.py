@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -154,3 +156,14 @@ def test_a_broker_that_stalls_mid_send_fails_submit_within_one_timeout_and_a_ret
     finally:
         broker.stop()
         backend.stop()
+
+
+def test_importing_the_client_reads_no_setting_so_explicit_settings_work(tmp_path):
+    # a worker-only combination that Settings() refuses (deadline over the visibility timeout) in the environment
+    code = ("from worker.client import InpaintClient\n"
+            "from worker.settings import Settings\n"
+            "client = InpaintClient.from_settings(Settings(_env_file=None, max_deadline_s=60))\n"
+            "print(client.app.conf.broker_url)\n")
+    env = {**os.environ, "INPAINT_MAX_DEADLINE_S": "7200", "INPAINT_VISIBILITY_TIMEOUT_S": "3600"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -75,7 +75,13 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
     return app
 
 
-app = make_app(get_settings())
+def __getattr__(name: str) -> Celery:
+    """`app`, the workers' app (`celery -A worker.app`), made from the environment when first asked for: importing
+    this module, as clients do for `make_app`, reads no setting."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()["app"] = made = make_app(get_settings())
+    return made
 
 
 @setup_logging.connect
