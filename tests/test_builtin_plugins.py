@@ -108,6 +108,13 @@ def test_a_cancelled_job_says_no_result_was_written_and_its_previews_stay(runner
     assert not (tmp_path / "result.json").exists() and not list(tmp_path.glob("0.*"))
 
 
+def test_a_job_of_several_images_cancelled_says_which_image(runner, settings, tmp_path):
+    with pytest.raises(Cancelled) as caught:  # the previews of image 2 appear once image 1 is done
+        run_job(runner, settings, tmp_path, cancel_requested=lambda: any((tmp_path / "previews").glob("1-*")),
+                preview_every=1, num_inference_steps=3, strength=1.0, num_images_per_prompt=2)
+    assert caught.value.message == "cancelled at step 2 of 3 of image 2 of 2; no result was written"
+
+
 def test_a_job_past_its_deadline_says_no_result_was_written(runner, settings, tmp_path):
     with pytest.raises(DeadlineExceeded) as caught:
         run_job(runner, settings, tmp_path, deadline_s=0.000001)

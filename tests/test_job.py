@@ -50,7 +50,7 @@ def test_job_is_pixel_identical_to_a_direct_pipeline_call(runner, direct_pipe):
 def test_strength_trims_the_steps_and_progress_counts_the_steps_that_run(runner):
     seen = []
     result = runner.run(num_inference_steps=10, strength=0.5, reporter=seen.append)
-    steps = [p.step for p in seen if p.stage == "denoising" and p.total_steps]
+    steps = [p.step for p in seen if p.stage == "denoising" and p.step]
     assert result.parameters.steps_run == 5
     assert steps == [1, 2, 3, 4, 5]
     assert {p.total_steps for p in seen if p.total_steps} == {5}
@@ -58,6 +58,14 @@ def test_strength_trims_the_steps_and_progress_counts_the_steps_that_run(runner)
     stages = list(dict.fromkeys(p.stage for p in seen))
     assert stages == ["fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing", "uploading"]
     assert set(result.timings) >= {"fetching", "encoding", "denoising", "decoding", "uploading", "total"}
+
+
+def test_progress_counts_every_image_from_the_first_report_after_the_inputs_are_checked(runner):
+    seen = []
+    runner.run(num_inference_steps=4, strength=1.0, num_images_per_prompt=3, reporter=seen.append)
+    later = seen[[p.stage for p in seen].index("encoding"):]
+    assert {(p.total_steps, p.images) for p in later} == {(12, 3)}  # not 0 steps of 1 image until the first step
+    assert [p.step for p in later if p.stage == "denoising"][-1] == 12 and later[-1].percent == 100.0
 
 
 def test_padding_mask_crop_returns_the_original_size_with_the_outside_untouched(runner):

@@ -113,6 +113,7 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
         job.tracker.enter("preprocessing")
         hooks.call("inpaint_preprocess", job=job)
         check_ready(job, model)
+        job.tracker.plan(job.image_count, job.steps_run)
         images = generate(job, model, hooks)
         job.tracker.enter("postprocessing")
         images = hooks.chain("inpaint_postprocess", "images", images, same_images, job=job)

@@ -40,6 +40,10 @@ class Tracker:
         self.progress = self.progress.model_copy(update={"stage": stage})
         self._report(force=True)
 
+    def plan(self, images: int, steps_per_image: int) -> None:
+        """What the job will run, once its inputs are checked: progress counts towards it from the next report."""
+        self.progress = self.progress.model_copy(update={"total_steps": images * steps_per_image, "images": images})
+
     def preview(self, reference: str) -> None:
         """A new preview image: reported with the next step, whatever the throttle."""
         self._new_preview = reference

@@ -15,7 +15,8 @@ from ..hooks import hookimpl
 @hookimpl(tryfirst=True)
 def inpaint_step_end(job, step: int, total_steps: int) -> None:
     if job.cancel_requested():
-        raise Cancelled(f"cancelled at step {step} of {total_steps}; no result was written")
+        image = f" of image {job.image_index + 1} of {job.image_count}" if job.image_count > 1 else ""
+        raise Cancelled(f"cancelled at step {step} of {total_steps}{image}; no result was written")
 
 
 @hookimpl(tryfirst=True)
