@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -78,8 +79,13 @@ def test_the_worker_is_online_during_a_long_job_and_the_finished_task_is_listed(
                             "num_inference_steps": 40, "strength": 1.0, "plugins": SLOW})
     assert poll(lambda: (p := client.status(job_id).progress) and p.stage == "denoising"), "the job did not start"
 
-    # the job's task-progress events show in Flower as the custom state PROGRESS
+    # the job's task-progress events show in Flower as the custom state PROGRESS, with its stage and step
     assert poll(lambda: task_state(flower, job_id) == "PROGRESS"), task_state(flower, job_id)
+    shown = poll(lambda: re.fullmatch(r"denoising: step \d+ of 40, about \d+ s left",
+                                      str(api(flower, f"/api/task/info/{job_id}").get("result"))))
+    assert shown, api(flower, f"/api/task/info/{job_id}")
+    page = get(flower, f"/task/{job_id}", flower.credentials)[1].decode()
+    assert re.search(r"denoising: step \d+ of 40", page) or client.status(job_id).done
     # while it still runs: the worker answers Flower's inspect, and its heartbeats say it is online
     workers = poll(lambda: api(flower, "/api/workers?refresh=1").get(worker.node))
     assert workers, "Flower's inspect did not list the worker"
