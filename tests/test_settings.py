@@ -61,6 +61,11 @@ SCHEMES = "must be a Redis URL starting with redis://, rediss://, redis+socket:/
     # Celery's Redis client refuses it in every call (a bare ValueError), the worker's and every client's
     pytest.param("INPAINT_BROKER_URL", f"rediss://:{PASSWORD}@redis.example.com:6380/0",
                  "a rediss:// URL needs ?ssl_cert_reqs=required (or optional, or none", id="rediss-no-cert-reqs"),
+    # boto3 refuses it when the worker starts: every worker would exit and be restarted, again and again
+    pytest.param("INPAINT_S3_ENDPOINT_URL", "minio:9000", "must be an http:// or https:// URL", id="s3-no-scheme"),
+    # S3 refuses every URL signed for longer than 7 days: jobs would succeed with result URLs that never work
+    pytest.param("INPAINT_PRESIGN_EXPIRY_S", "1209600", "Input should be less than or equal to 604800",
+                 id="presign-over-7-days"),
 ])
 def test_launch_refuses_a_setting_that_would_break_the_service_by_name_and_without_echoing_a_password(name, value,
                                                                                                        says):
@@ -99,7 +104,9 @@ def test_every_kind_of_redis_url_kombu_and_celery_take_is_accepted(url):
     assert type(app.backend).__name__ == "RedisBackend"
 
 
-def test_an_empty_result_backend_in_an_env_file_means_the_broker(monkeypatch):
+def test_an_empty_result_backend_or_s3_endpoint_in_an_env_file_means_unset(monkeypatch):
     monkeypatch.setenv("INPAINT_BROKER_URL", "redis://redis:6379/0")
     monkeypatch.setenv("INPAINT_RESULT_BACKEND", "")
-    assert Settings().backend_url == "redis://redis:6379/0"
+    monkeypatch.setenv("INPAINT_S3_ENDPOINT_URL", " ")
+    settings = Settings()
+    assert settings.backend_url == "redis://redis:6379/0" and settings.s3_endpoint_url is None  # AWS

@@ -88,7 +88,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated hosts that https:// inputs may come from"
     )
     input_max_bytes: int = Field(50_000_000, gt=0, description="Largest input object read from S3 or https")
-    presign_expiry_s: int = Field(3600, gt=0, description="Lifetime of the presigned URLs in results")
+    presign_expiry_s: int = Field(3600, gt=0, le=604800, description="Lifetime of the presigned URLs in results "
+                                  "(at most 7 days, what S3's signatures allow)")
     storage_attempts: int = Field(5, ge=1, description="Tries of each S3 call and https input before storage_error")
     storage_backoff_s: float = Field(0.5, ge=0, description="First wait between S3 tries; doubles each time")
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines: text, or one JSON object each")
@@ -138,10 +139,17 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a log level: use {', '.join(LOG_LEVELS)} (in any case)")
         return level
 
-    @field_validator("result_backend", mode="before")
+    @field_validator("result_backend", "s3_endpoint_url", mode="before")
     @classmethod
-    def _empty_backend_is_the_broker(cls, value: object) -> object:
+    def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value  # INPAINT_RESULT_BACKEND= in a .env
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/?#\s]+", value):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://minio:9000 (unset: AWS)")
+        return value
 
     @field_validator("broker_url", "result_backend")
     @classmethod
