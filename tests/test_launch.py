@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from support import box_mask, photo, upload
 
@@ -50,6 +52,53 @@ def test_visible_gpus_respects_cuda_visible_devices(monkeypatch):
     assert visible_gpus() == ["3", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus() == []
+
+
+# Stand-ins for worker processes, started by the real launch loop: cpu0 crashes at once every time (its backoff grows
+# to 8 s), cpu1 runs 10 s, exits once, and then runs until stopped. Each notes when it starts and ends.
+SUPERVISED = """
+import os, sys, time
+from pathlib import Path
+import worker.launch as launch
+from worker.settings import Settings
+
+journal = Path(sys.argv[1])
+def note(*words):
+    with journal.open("a") as f:
+        f.write(" ".join(map(str, words)) + "\\n")
+STANDIN = (
+    "import signal, sys, time; from pathlib import Path; note = lambda *w: Path(sys.argv[1]).open('a').write("
+    "' '.join(map(str, w)) + chr(10)); node = sys.argv[2]; note('start', node, time.monotonic()); "
+    "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+    "crashed = Path(sys.argv[1] + '.' + node[:4] + '-crashed'); "
+    "time.sleep(0 if node.startswith('cpu0') else 600 if crashed.exists() else 10); crashed.touch(); "
+    "note('exit', node, time.monotonic()); sys.exit(1)")
+launch.worker_command = lambda node, queue, quiet=False: [sys.executable, "-c", STANDIN, str(journal), node]
+launch.visible_gpus = lambda: []
+sys.exit(launch.launch(Settings(), cpu_workers=2))
+"""
+
+
+def test_a_crash_looping_worker_does_not_hold_up_restarting_another_nor_the_shutdown(tmp_path):
+    journal = tmp_path / "journal"
+    launcher = subprocess.Popen([sys.executable, "-c", SUPERVISED, str(journal)], cwd=Path(__file__).parent.parent,
+                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while journal.read_text().count("start cpu1") < 2 if journal.exists() else True:
+            assert time.monotonic() < deadline and launcher.poll() is None, "cpu1 was not started again"
+            time.sleep(0.1)
+        events = [line.split() for line in journal.read_text().splitlines()]
+        exited = next(float(t) for kind, node, t in events if kind == "exit" and node.startswith("cpu1"))
+        again = [float(t) for kind, node, t in events if kind == "start" and node.startswith("cpu1")][1]
+        assert again - exited < 3, f"cpu1 started {again - exited:.1f} s after it exited (its backoff is 1 s)"
+        launcher.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        assert launcher.wait(timeout=30) == 0
+        assert time.monotonic() - stopping < 3, "launch sat out a backoff before it stopped"
+    finally:
+        launcher.kill()
+        launcher.wait()
 
 
 def test_two_cpu_workers_both_take_jobs_and_stop_warmly(stack, worker_env, tmp_path):
@@ -134,3 +183,13 @@ def test_up_demo_runs_the_whole_stack_and_stops_it(tiny_model_dir, tmp_path):
     for port in ports:
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_launch_logs_in_the_workers_format():
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("INPAINT_")}
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "launch"], cwd=Path(__file__).parent.parent,
+                          env={**clean, "CUDA_VISIBLE_DEVICES": "", "INPAINT_LOG_FORMAT": "json"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    [line] = [json.loads(line) for line in done.stderr.splitlines()]  # one JSON object, no text line
+    assert line["level"] == "ERROR" and line["logger"] == "worker.launch" and "no GPU found" in line["message"]

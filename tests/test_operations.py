@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import socket
@@ -130,6 +131,72 @@ def test_text_log_lines_carry_the_job_id():
     first, second = stream.getvalue().splitlines()
     assert first.endswith("INFO worker.test: [job job-42] fetched 2 inputs")
     assert second.endswith("WARNING worker.test: idle, waiting")
+
+
+@pytest.fixture
+def json_log():
+    """The worker's JSON log configuration, writing to a string; the test's own logging is put back after."""
+    import io
+    import logging
+
+    from worker import logs
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    yield lambda level: (logs.configure("json", level), root.handlers[0].setStream(stream)), stream
+    root.handlers[:], root.level = handlers, level
+    for library in ("diffusers", "transformers"):  # as the libraries set themselves up
+        library_logging = importlib.import_module(f"{library}.utils.logging")
+        library_logging.enable_default_handler()
+        library_logging.disable_propagation()
+
+
+def test_diffusers_and_transformers_lines_are_json_with_the_job_id_and_follow_the_level(json_log):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from worker import logs
+
+    configure, stream = json_log
+    configure("WARNING")
+    token = logs.current_job.set("job-43")
+    try:
+        diffusers_logging.get_logger("diffusers.pipelines.x").warning("true_cfg_scale is passed as 4.0")
+        transformers_logging.get_logger("transformers.models.y").warning("a transformers warning")
+        configure("ERROR")
+        diffusers_logging.get_logger("diffusers.pipelines.x").warning("below the level")
+    finally:
+        logs.current_job.reset(token)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["logger"], line["message"], line["job_id"]) for line in lines] == [
+        ("diffusers.pipelines.x", "true_cfg_scale is passed as 4.0", "job-43"),
+        ("transformers.models.y", "a transformers warning", "job-43")]
+
+
+def test_a_lease_renewal_that_fails_logs_the_job_id(json_log, tmp_path, monkeypatch):
+    import redis
+
+    from worker import lease, logs
+    from worker.stack import RedisServer
+
+    configure, stream = json_log
+    configure("INFO")
+    monkeypatch.setattr(lease, "RENEW_EVERY_S", 0.1)
+    server = RedisServer(tmp_path / "redis").start()
+    token = logs.current_job.set("job-44")
+    try:
+        held = lease.JobLease(redis.Redis.from_url(server.url, socket_timeout=1), "job-44", "w1")
+        assert held.acquire()
+    finally:
+        logs.current_job.reset(token)  # the renewing thread keeps the job's context
+        server.stop()
+    deadline = time.monotonic() + 10
+    while "could not renew" not in stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    held.release()
+    renewals = [json.loads(line) for line in stream.getvalue().splitlines() if "could not renew" in line]
+    assert renewals and renewals[0]["job_id"] == "job-44" and "job job-44" in renewals[0]["message"]
 
 
 def test_a_stack_whose_s3_cannot_start_stops_its_redis_and_shows_the_s3_log(tmp_path):

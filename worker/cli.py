@@ -186,10 +186,13 @@ class ProgressBar:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from . import logs
     from .launch import launch
     from .settings import Settings
 
-    return launch(Settings(), cpu_workers=args.cpu_workers)
+    settings = Settings()
+    logs.configure(settings.log_format, settings.log_level, libraries=())  # its lines as the workers': text or JSON
+    return launch(settings, cpu_workers=args.cpu_workers)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

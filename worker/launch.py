@@ -29,6 +29,7 @@ class Slot:
     process: subprocess.Popen | None = None
     started: float = 0.0
     backoff_s: float = 1.0
+    restart_at: float | None = None  # when a worker that exited starts again
 
 
 def visible_gpus() -> list[str]:
@@ -43,9 +44,10 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
 
 
-def worker_command(node: str, queue: str, loglevel: str = "INFO") -> list[str]:
+def worker_command(node: str, queue: str, quiet: bool = False) -> list[str]:
+    """`quiet`: without Celery's start-up banner (text on stdout), for JSON logs."""
     return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", POOL, "--concurrency", "1",
-            "--hostname", node, "--queues", queue, "--task-events", "--loglevel", loglevel]
+            "--hostname", node, "--queues", queue, "--task-events", *(["--quiet"] if quiet else [])]
 
 
 def plan(gpus: list[str], cpu_workers: int, metrics_port: int | None = None) -> list[Slot]:
@@ -87,24 +89,29 @@ def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0
     for slot in slots:
         start(slot, settings)
     while not stopping:
-        for slot in slots:
+        for slot in slots:  # each on its own clock: one worker's backoff never holds up another's restart
+            now = time.monotonic()
+            if slot.restart_at is not None:
+                if now >= slot.restart_at and not stopping:
+                    slot.restart_at = None
+                    start(slot, settings)
+                continue
             code = slot.process.poll()
             if code is None or stopping:
                 continue
-            if time.monotonic() - slot.started > 60:  # it ran a while: the crash is not a start-up loop
+            if now - slot.started > 60:  # it ran a while: the crash is not a start-up loop
                 slot.backoff_s = 1.0
             log.warning("worker %s exited with %s; restarting in %.0f s", slot.node, code, slot.backoff_s)
-            time.sleep(slot.backoff_s)
+            slot.restart_at = now + slot.backoff_s
             slot.backoff_s = min(slot.backoff_s * 2, max_backoff_s)
-            if not stopping:
-                start(slot, settings)
-        time.sleep(0.5)
+        time.sleep(0.2)
     for slot in slots:
         slot.process.wait()
     return 0
 
 
 def start(slot: Slot, settings: Settings) -> None:
-    slot.process = subprocess.Popen(worker_command(slot.node, settings.queue), env={**os.environ, **slot.env})
+    slot.process = subprocess.Popen(worker_command(slot.node, settings.queue, quiet=settings.log_format == "json"),
+                                    env={**os.environ, **slot.env})
     slot.started = time.monotonic()
     log.info("started worker %s (pid %d, %s)", slot.node, slot.process.pid, slot.env)

@@ -8,6 +8,7 @@ A holder that dies stops renewing, so its lease lapses within `LEASE_S` and the 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import uuid
@@ -51,7 +52,8 @@ class JobLease:
     def acquire(self) -> bool:
         if not self.redis.set(self.key, self.token, nx=True, px=LEASE_S * 1000):
             return False
-        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.job_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._renew_loop,),  # the job id
+                                        name=f"lease-{self.job_id[:8]}", daemon=True)  # on its log lines
         self._thread.start()
         return True
 
@@ -69,7 +71,7 @@ class JobLease:
         try:
             self.redis.eval(RELEASE, 1, self.key, self.token)
         except Exception as error:  # it lapses within LEASE_S
-            log.warning("could not release the job's lease: %s", error)
+            log.warning("could not release the lease of job %s: %s", self.job_id, error)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(RENEW_EVERY_S):
@@ -79,4 +81,4 @@ class JobLease:
                               "two copies may be running", self.job_id, LEASE_S)
                     return
             except Exception as error:  # Redis away for a moment: try again at the next renewal
-                log.warning("could not renew the job's lease: %s", error)
+                log.warning("could not renew the lease of job %s: %s", self.job_id, error)

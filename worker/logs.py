@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import importlib
 import json
 import logging
 import time
@@ -49,11 +50,30 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
-def configure(fmt: str = "text", level: str | int = "INFO") -> None:
+MODEL_LIBRARIES = ("diffusers", "transformers")
+
+
+def configure(fmt: str = "text", level: str | int = "INFO", libraries: tuple[str, ...] = MODEL_LIBRARIES) -> None:
+    """The root logger's one handler, in `fmt`, at `level`; `libraries` that log through handlers of their own go
+    through it too (importing them: a process without the model, like `launch`, passes none)."""
+    level = level.upper() if isinstance(level, str) else level  # logging knows "DEBUG", not "debug"
     handler = logging.StreamHandler()
     handler.addFilter(JobIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         TextFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setLevel(level)  # also for libraries' loggers, which keep levels of their own
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper() if isinstance(level, str) else level)  # logging knows "DEBUG", not "debug"
+    root.setLevel(level)
+    for library in libraries:
+        through_root(library)
+
+
+def through_root(library: str) -> None:
+    """A library's log lines through the root handler (our format, the job's id, the level) rather than the stderr
+    handler of its own that diffusers and transformers each install."""
+    try:
+        library_logging = importlib.import_module(f"{library}.utils.logging")
+    except ImportError:  # a client's install has neither
+        return
+    library_logging.disable_default_handler()
+    library_logging.enable_propagation()
