@@ -98,6 +98,8 @@ def test_the_worker_is_online_during_a_long_job_and_the_finished_task_is_listed(
     task = poll(lambda: (t := api(flower, "/api/tasks").get(job_id)) and t["state"] == "SUCCESS" and t)
     assert task, api(flower, "/api/tasks").get(job_id)
     assert task["name"] == "inpaint" and task["worker"] == worker.node
+    # the result as Flower keeps it: the images' URLs without their signatures (the task state has them)
+    assert f"/{job_id}/0.png?..." in task["result"] and "Signature" not in json.dumps(task), task["result"][:500]
     assert task["runtime"] > 40 * 0.15 * 0.5  # 40 slow steps ran in it
 
 

@@ -21,7 +21,7 @@ from .errors import Cancelled, InvalidRequest, JobError, JobFailed
 from .lease import JobLease
 from .pipeline import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
-from .schema import Progress, parse_request
+from .schema import Progress, parse_request, redacted_text
 from .settings import get_settings
 from .storage import S3Sink, StorageFetcher, s3_client
 
@@ -81,10 +81,16 @@ def load_before_the_first_job(**_: Any) -> None:
 
 
 class RedactedRequest(Request):
-    """A job as `inspect active/reserved` (Flower's worker page) shows it: the request redacted, whoever sent it."""
+    """A job as `inspect active/reserved` (Flower's worker page) shows it: the request redacted, whoever sent it;
+    and its result as the task-succeeded event (Flower, its database) carries it: URLs without their signatures."""
 
     def info(self, safe: bool = False) -> dict:
         return {**super().info(safe=True), "args": "()", "kwargs": kwargs_summary(self._kwargs.get("request"))}
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type == "task-succeeded" and isinstance(fields.get("result"), str):  # the result's repr
+            fields["result"] = redacted_text(fields["result"])
+        super().send_event(type, **fields)
 
 
 @app.task(name=TASK_NAME, bind=True, throws=(JobFailed,), Request=RedactedRequest)  # JobFailed: logged, no traceback
