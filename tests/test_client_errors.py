@@ -167,3 +167,10 @@ def test_importing_the_client_reads_no_setting_so_explicit_settings_work(tmp_pat
     env = {**os.environ, "INPAINT_MAX_DEADLINE_S": "7200", "INPAINT_VISIBILITY_TIMEOUT_S": "3600"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("value", [object(), float("nan"), {1, 2}])
+def test_a_request_that_is_not_plain_json_is_refused_before_anything_is_sent(value):
+    with pytest.raises(InvalidRequest) as caught:  # kombu raised EncodeError after the job id was claimed
+        dead_client().submit({**REQUEST, "plugins": {"watermark": {"text": value}}})
+    assert caught.value.field == "request" and "must be plain JSON" in caught.value.message

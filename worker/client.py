@@ -12,6 +12,7 @@ when the job is still going after `timeout` seconds.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -112,6 +113,10 @@ class InpaintClient:
             raise InvalidRequest("job_id", f"the request's {parsed.job_id!r:.80} differs from submit's job_id "
                                  f"{job_id!r:.80}; give one of them")
         payload = request if isinstance(request, dict) else request.model_dump(mode="json", exclude_unset=True)
+        try:  # what the queue carries; a Python caller can put anything in plugin options
+            json.dumps(payload, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise InvalidRequest("request", f"must be plain JSON: {error}") from None
         job_id = job_id or parsed.job_id or uuid.uuid4().hex
         if not re.fullmatch(JOB_ID_PATTERN, job_id):
             raise InvalidRequest("job_id", f"{job_id!r:.80} must match {JOB_ID_PATTERN}")
