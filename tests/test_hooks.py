@@ -143,22 +143,26 @@ def test_a_plugin_that_raises_fails_only_the_job_that_uses_it(runner):
     assert runner.run(manager=manager, plugins={"boom": False}).images
 
 
+def install(site, monkeypatch, name: str, module: str, source: str, version: str = "0.1") -> None:
+    """A plugin distribution as pip leaves one in `site`: the module and its entry point `name = module`."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{module}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[inpaint_worker]\n{name} = {module}\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
 def test_a_broken_installed_plugin_is_skipped_at_load(runner, tmp_path, monkeypatch):
-    (tmp_path / "broken_plugin.py").write_text("raise ImportError('missing dependency: nothing')\n")
-    (tmp_path / "good_plugin.py").write_text(textwrap.dedent("""
+    install(tmp_path, monkeypatch, "broken", "broken_plugin", "raise ImportError('missing dependency: nothing')\n")
+    install(tmp_path, monkeypatch, "good", "good_plugin", """
         from worker.hooks import hookimpl
         calls = []
 
         @hookimpl
         def inpaint_job_finished(result):
             calls.append(result.job_id)
-    """))
-    for name in ("broken", "good"):
-        info = tmp_path / f"{name}_plugin-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(f"[inpaint_worker]\n{name} = {name}_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    """)
     manager = Plugins()
     assert "broken" in manager.report.failed and "missing dependency" in manager.report.failed["broken"]
     assert "good" in manager.names and "paste_back" in manager.names
@@ -388,12 +392,7 @@ def test_a_bad_plugin_option_names_the_option_in_the_field(runner, grow):
 
 
 def test_an_installed_plugin_named_like_a_builtin_is_refused_and_listed_apart(tmp_path, monkeypatch):
-    (tmp_path / "shadow_mask.py").write_text("from worker.hooks import hookimpl\n")
-    info = tmp_path / "shadow_mask-9.9.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shadow-mask\nVersion: 9.9\n")
-    (info / "entry_points.txt").write_text("[inpaint_worker]\nmask = shadow_mask\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install(tmp_path, monkeypatch, "mask", "shadow_mask", "from worker.hooks import hookimpl\n", version="9.9")
     rows = {row["name"]: row for row in Plugins().describe()}
     assert rows["mask"]["status"] == "active" and rows["mask"]["kind"] == "built-in"
     assert rows["mask (from shadow-mask)"]["status"] == "failed"
@@ -432,12 +431,8 @@ def test_a_plugin_that_calls_sys_exit_fails_its_job_and_the_next_job_runs(runner
 
 
 def test_a_plugin_that_calls_sys_exit_at_import_is_skipped_and_listed_as_failed(tmp_path, monkeypatch):
-    (tmp_path / "exiting_plugin.py").write_text("import sys\nsys.exit('EXITING_PLUGIN_URL must be set')\n")
-    info = tmp_path / "exiting_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: exiting-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[inpaint_worker]\nexiting = exiting_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install(tmp_path, monkeypatch, "exiting", "exiting_plugin", "import sys; sys.exit('EXITING_PLUGIN_URL must be set')"
+            )
     manager = Plugins()
     assert manager.report.failed["exiting"] == "SystemExit: EXITING_PLUGIN_URL must be set"
     assert "paste_back" in manager.names and "exiting" not in manager.names
