@@ -431,10 +431,9 @@ def test_a_plugin_that_calls_sys_exit_fails_its_job_and_the_next_job_runs(runner
 
 
 def test_a_plugin_that_calls_sys_exit_at_import_is_skipped_and_listed_as_failed(tmp_path, monkeypatch):
-    install(tmp_path, monkeypatch, "exiting", "exiting_plugin", "import sys; sys.exit('EXITING_PLUGIN_URL must be set')"
-            )
+    install(tmp_path, monkeypatch, "exiting", "exiting_plugin", "import sys; sys.exit('EXITING_URL must be set')")
     manager = Plugins()
-    assert manager.report.failed["exiting"] == "SystemExit: EXITING_PLUGIN_URL must be set"
+    assert manager.report.failed["exiting"] == "SystemExit: EXITING_URL must be set"
     assert "paste_back" in manager.names and "exiting" not in manager.names
 
 
