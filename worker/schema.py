@@ -250,7 +250,8 @@ def redacted_reference(ref: str) -> str:
     if not parts.scheme:
         return ref
     query = "?..." if parts.query or parts.fragment else ""  # e.g. redis+socket:///run/r.sock?password=...
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"  # no user:password@
+    scheme = ref.partition("://")[0]  # as written: urlsplit lower-cases it
+    return f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"  # no user:password@
 
 
 URL_IN_TEXT = re.compile(r"\b(?:data:[\w.+/-]*[;,]|[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*")
