@@ -6,6 +6,8 @@ import importlib
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -146,10 +148,12 @@ def json_log():
     stream = io.StringIO()
     yield lambda level: (logs.configure("json", level), root.handlers[0].setStream(stream)), stream
     root.handlers[:], root.level = handlers, level
+    logging.captureWarnings(False)
     for library in ("diffusers", "transformers"):  # as the libraries set themselves up
         library_logging = importlib.import_module(f"{library}.utils.logging")
         library_logging.enable_default_handler()
         library_logging.disable_propagation()
+        library_logging.enable_progress_bar()
 
 
 def test_diffusers_and_transformers_lines_are_json_with_the_job_id_and_follow_the_level(json_log):
@@ -172,6 +176,17 @@ def test_diffusers_and_transformers_lines_are_json_with_the_job_id_and_follow_th
     assert [(line["logger"], line["message"], line["job_id"]) for line in lines] == [
         ("diffusers.pipelines.x", "true_cfg_scale is passed as 4.0", "job-43"),
         ("transformers.models.y", "a transformers warning", "job-43")]
+    # the bars drawn while a model loads are no log lines: off, as the worker logs the load time
+    assert not diffusers_logging.is_progress_bar_enabled() and not transformers_logging.is_progress_bar_enabled()
+
+
+def test_python_warnings_are_json_log_lines():
+    code = ("import warnings; from worker import logs; logs.configure('json', 'INFO', libraries=()); "
+            "warnings.warn('a library deprecation', DeprecationWarning, stacklevel=1)")
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    [line] = [json.loads(line) for line in done.stderr.splitlines()]
+    assert line["logger"] == "py.warnings" and "DeprecationWarning: a library deprecation" in line["message"]
 
 
 def test_a_lease_renewal_that_fails_logs_the_job_id(json_log, tmp_path, monkeypatch):

@@ -64,6 +64,7 @@ def configure(fmt: str = "text", level: str | int = "INFO", libraries: tuple[str
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings (Celery's, torch's) as log lines of the logger py.warnings
     for library in libraries:
         through_root(library)
 
@@ -77,3 +78,4 @@ def through_root(library: str) -> None:
         return
     library_logging.disable_default_handler()
     library_logging.enable_propagation()
+    library_logging.disable_progress_bar()  # the bars of loading a model: not log lines (the load time is logged)
