@@ -156,3 +156,14 @@ def test_a_full_mask_repaints_everything(client, worker):
 def test_the_worker_serves_the_next_job_after_all_that(client, worker):
     assert send(client, GOOD).state == "SUCCESS"
     assert client.app.control.ping(destination=[worker.node], timeout=2)
+
+
+@pytest.mark.parametrize("task_id", ["2026/order-77", "../../etc/x", "order 77"])
+def test_a_task_id_that_cannot_name_objects_is_refused_and_nothing_is_written(stack, client, worker, task_id):
+    before = {item["Key"] for item in stack.s3.client().list_objects_v2(Bucket="outputs").get("Contents", [])}
+    client.app.send_task("inpaint", kwargs={"request": GOOD}, task_id=task_id)  # client.submit refuses these
+    status = client.wait(task_id, timeout=60)
+    assert status.state == "FAILURE" and status.error["code"] == "invalid_request", status.error
+    assert status.error["field"] == "job_id" and "must match" in status.error["message"]
+    after = {item["Key"] for item in stack.s3.client().list_objects_v2(Bucket="outputs").get("Contents", [])}
+    assert after == before  # "jobs/2026/order-77/0.png" would have replaced another job's image

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from .errors import InputForbidden, InputNotFound, InvalidRequest, StorageError
 from .inputs import read_data_url
 from .io_pool import time_for_retry
-from .schema import redacted_reference
+from .schema import JOB_ID_PATTERN, redacted_reference
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,8 @@ class S3Sink:
     """Writes `{prefix}/{job_id}/{name}`: a redelivered job overwrites its own objects, never adds new ones."""
 
     def __init__(self, settings: Settings, job_id: str, bucket: str, prefix: str, client: Any | None = None):
+        if not re.fullmatch(JOB_ID_PATTERN, job_id):
+            raise ValueError(f"job id {job_id!r:.80} must match {JOB_ID_PATTERN}: it is part of the objects' keys")
         self.settings, self.bucket = settings, bucket
         self.prefix = f"{prefix.strip('/')}/{job_id}" if prefix.strip("/") else job_id
         self.client = client or s3_client(settings)
