@@ -127,3 +127,14 @@ def test_a_refused_request_quoting_a_signed_url_shows_it_without_its_query():
                        "mask_image": "s3://inputs/mask.png"})
     assert caught.value.field == "image" and "https://cdn.example/a.png?..." in caught.value.message
     assert "SECRET-TOKEN-42" not in str(caught.value.to_dict())
+
+
+def test_a_refused_value_is_quoted_with_its_secret_named_fields_hidden():
+    from worker.errors import InvalidRequest
+    from worker.schema import parse_request
+
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request({"prompt": "x", "image": "s3://inputs/a.png", "mask_image": "s3://inputs/m.png",
+                       "seed": {"api_key": "SEKRET-1"}})
+    assert caught.value.field == "seed" and "'api_key': '<redacted>'" in caught.value.message
+    assert "SEKRET" not in caught.value.message

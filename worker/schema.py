@@ -368,7 +368,7 @@ def _describe(error: ValidationError) -> tuple[str, str]:
         if message not in problems[field]:
             problems[field].append(message)
         if item["type"].startswith(("int_", "float_", "string_", "bool_", "list_", "dict_", "literal_")):
-            problems[field].append(f"(got {_shown_input(item.get('input'))})")
+            problems[field].append(f"(got {_shown_input(redacted(item.get('input')))})")
     parts = [f"{field}: " * bool(i) + " or ".join(m for m in msgs if not m.startswith("(got"))
              + "".join(f" {m}" for m in dict.fromkeys(msgs) if m.startswith("(got"))
              for i, (field, msgs) in enumerate(problems.items())]
