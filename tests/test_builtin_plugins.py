@@ -186,3 +186,18 @@ def test_a_mask_with_a_transparent_background_repaints_only_its_stroke(runner, m
     with_alpha = runner.run(plugins=NO_PASTE, mask_image=data_url(exported))
     plain = runner.run(plugins=NO_PASTE, mask_image=data_url(box_mask()))
     assert np.array_equal(runner.pixels(with_alpha), runner.pixels(plain))
+
+
+@pytest.mark.parametrize("grow", [1, 2, 5, 17])
+def test_grow_dilates_the_mask_by_a_square_as_a_max_filter_would(grow):
+    from PIL import ImageFilter
+
+    from worker.builtin.mask import Options, prepare_mask
+
+    rng = np.random.default_rng(grow)
+    mask = Image.fromarray((rng.random((48, 80)) > 0.985).astype(np.uint8) * 255)  # scattered dots, edges included
+    mask.putpixel((0, 0), 255)
+    mask.putpixel((79, 47), 255)
+    grown = prepare_mask(mask, mask.size, Options(grow=grow))
+    expected = mask.filter(ImageFilter.MaxFilter(2 * grow + 1))  # what it was: a (2 grow + 1) square window
+    assert grown.mode == "L" and np.array_equal(np.asarray(grown), np.asarray(expected))

@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..hooks import hookimpl
+from .mask import dilate
 
 
 class Options(BaseModel):
@@ -34,24 +35,6 @@ def _erode(inside: np.ndarray) -> np.ndarray:
     out = rows.copy()
     out[:, 1:] &= rows[:, :-1]
     out[:, :-1] &= rows[:, 1:]
-    return out
-
-
-def _dilate(inside: np.ndarray, radius: int) -> np.ndarray:
-    """Dilation by a (2 radius + 1) square, in O(log radius) shifted ORs per axis."""
-    out = inside
-    for axis in (0, 1):
-        span = 0  # out covers [i - span, i + span] along this axis
-        while span < radius:
-            step = min(2 * span + 1, radius - span)
-            grown = out.copy()
-            if axis == 0:
-                grown[step:] |= out[:-step]
-                grown[:-step] |= out[step:]
-            else:
-                grown[:, step:] |= out[:, :-step]
-                grown[:, :-step] |= out[:, step:]
-            out, span = grown, span + step
     return out
 
 
@@ -82,7 +65,7 @@ def blend_weights(inside: np.ndarray, feather: int) -> np.ndarray:
         if not eroded.any():
             break
         depth += eroded
-        thickness += _dilate(eroded, k)  # openings shrink as k grows, so counting them gives the largest
+        thickness += dilate(eroded, k)  # openings shrink as k grows, so counting them gives the largest
     width = np.minimum(thickness + 1, feather)
     ramp = np.minimum(1.0, (depth + 1) / width)
     weights[top:bottom, left:right] = np.where(box, ramp, 0.0)
