@@ -241,6 +241,27 @@ def test_a_server_that_trickles_bytes_is_cut_off_after_the_overall_bound(server,
     assert "0.5 s" in caught.value.message
 
 
+def test_a_server_that_trickles_its_headers_is_cut_off_after_the_overall_bound(server, monkeypatch):
+    monkeypatch.setattr(storage, "HTTPS_FETCH_TIMEOUT_S", 0.5)
+
+    def trickle_headers(handler: BaseHTTPRequestHandler) -> None:
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for index in range(40):  # 4 s of header lines, each byte well inside the per-read timeout
+            for byte in f"X-Slow-{index}: y\r\n".encode():
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                time.sleep(0.01)
+        handler.close_connection = True
+
+    server.routes["/photo.png"] = trickle_headers
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        fetcher().fetch(server.url("/photo.png"), "image")
+    assert time.monotonic() - started < 2  # it took as long as the server liked: 90 s against the real 60 s bound
+    assert_shown_safely(caught.value)
+    assert "took over 0.5 s" in caught.value.message
+
+
 @pytest.mark.parametrize(
     "headers",
     [

@@ -10,7 +10,9 @@ from __future__ import annotations
 import http.client
 import logging
 import re
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -197,9 +199,16 @@ def https_get(parts: SplitResult, field: str, shown: str, deadline: float, max_b
                                              timeout=time_left(deadline, field, shown),
                                              context=ssl.create_default_context())
     chunks: list[bytes] = []
+    held: list[socket.socket] = []  # getresponse() drops the socket from the connection when the server will close
+    # at the deadline the socket is shut, whatever the fetch is waiting for: a per-read timeout alone lets a server
+    # that sends its headers (or its TLS handshake) a byte at a time hold the worker for as long as it likes
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), shut, args=(connection, held))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         connection.request("GET", target, headers={"User-Agent": "qwen-inpaint-worker"})
-        sock = connection.sock  # kept: getresponse() drops it from the connection when the server will close
+        sock = connection.sock
+        held.append(sock)
         sock.settimeout(time_left(deadline, field, shown))
         response = connection.getresponse()
         if not 200 <= response.status < 300:
@@ -217,19 +226,31 @@ def https_get(parts: SplitResult, field: str, shown: str, deadline: float, max_b
             if received > max_bytes:
                 raise InvalidRequest(field, f"{shown} is over the {max_bytes}-byte cap")
             chunks.append(chunk)
-    except TimeoutError:
+    except (OSError, http.client.HTTPException, ValueError) as error:  # str(error) may quote the URL
         if time.monotonic() >= deadline:
             raise too_slow(field, shown) from None
-        raise StorageError(f"{field}: fetching {shown} failed: no data for {HTTPS_READ_TIMEOUT_S:g} s",
-                           field=field) from None
-    except (OSError, http.client.HTTPException, ValueError) as error:  # str(error) may quote the URL
+        if isinstance(error, TimeoutError):
+            raise StorageError(f"{field}: fetching {shown} failed: no data for {HTTPS_READ_TIMEOUT_S:g} s",
+                               field=field) from None
         raise StorageError(f"{field}: fetching {shown} failed: {type(error).__name__}", field=field) from None
     finally:
+        watchdog.cancel()
         connection.close()
+    if time.monotonic() >= deadline:  # the watchdog shut the socket: what came is cut short
+        raise too_slow(field, shown)
     if expected is not None and received < expected:
         raise StorageError(f"{field}: fetching {shown} failed: the connection closed after {received} of {expected} "
                            "bytes", field=field)
     return response.status, b"".join(chunks)
+
+
+def shut(connection: http.client.HTTPSConnection, held: list[socket.socket]) -> None:
+    """Wake whatever read or handshake is waiting on the fetch's socket: it fails at once."""
+    for sock in {connection.sock, *held} - {None}:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed already, or never connected
+            pass
 
 
 def time_left(deadline: float, field: str, shown: str) -> float:
@@ -246,7 +267,6 @@ def too_slow(field: str, shown: str) -> StorageError:
 def refuse_internal_address(host: str, field: str) -> None:
     """An allowed name must still not lead inside: loopback, link-local (cloud metadata), private, reserved."""
     import ipaddress
-    import socket
 
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)}
