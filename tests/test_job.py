@@ -338,12 +338,37 @@ def test_the_pixel_budget_scales_the_default_size_and_refuses_a_bigger_one(runne
     assert "budget" in caught.value.message
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "L", "CMYK", "P", "I;16"])
-def test_other_image_modes_are_converted(runner, mode):
+def half_transparent(image: Image.Image) -> Image.Image:
+    """The left half fully transparent (its colours stay in the file), the right half opaque."""
+    rgba = image.convert("RGBA")
+    alpha = np.full((image.height, image.width), 255, np.uint8)
+    alpha[:, : image.width // 2] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    return rgba
+
+
+def on_white_left(image: Image.Image) -> Image.Image:
+    out = np.asarray(image.convert("RGB")).copy()
+    out[:, : image.width // 2] = 255
+    return Image.fromarray(out)
+
+
+@pytest.mark.parametrize(("mode", "given", "expected"), [
+    ("RGBA", lambda image: image.convert("RGBA"), lambda image: image),
+    ("RGBA-half-transparent", half_transparent, on_white_left),  # transparent pixels over white
+    ("L", lambda image: image.convert("L"), lambda image: image.convert("L").convert("RGB")),
+    ("P", lambda image: image.convert("P"), lambda image: image.convert("P").convert("RGB")),
+    ("I;16", lambda image: Image.fromarray(np.asarray(image.convert("L")).astype("uint16") * 257),  # scaled, not
+     lambda image: image.convert("L").convert("RGB")),                                              # clipped
+    ("CMYK", lambda image: image.convert("CMYK"), None),  # a JPEG: lossy, so only that it runs
+])
+def test_other_image_modes_are_converted(runner, mode, given, expected):
     image = photo()
-    converted = image.convert(mode) if mode != "I;16" else Image.fromarray(
-        np.asarray(image.convert("L")).astype("uint16") * 257)
-    assert runner.run(image=data_url(converted) if mode != "CMYK" else cmyk_url(converted)).images
+    converted = given(image)
+    result = runner.run(image=data_url(converted) if mode != "CMYK" else cmyk_url(converted))
+    if expected is not None:  # outside the mask paste_back keeps the input as the pipeline received it
+        keep = np.asarray(box_mask()) == 0
+        assert np.array_equal(runner.pixels(result)[keep], np.asarray(expected(image)).astype(int)[keep])
 
 
 def cmyk_url(image: Image.Image) -> str:
@@ -379,6 +404,7 @@ def test_a_job_past_its_deadline_stops_at_the_next_step(runner):
         runner.run(deadline_s=0.000001, reporter=seen.append)
     assert caught.value.code == "deadline_exceeded"
     assert not any(p.stage == "uploading" for p in seen)
+    assert not [p.step for p in seen if p.stage == "denoising" and p.step]  # it stopped at step 1, before it counted
 
 
 def test_previews_every_n_steps_are_written_and_reported(runner):

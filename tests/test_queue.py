@@ -72,7 +72,7 @@ def test_progress_is_polled_with_increasing_steps_up_to_the_steps_that_run(stack
 def test_cancel_a_queued_and_a_running_job(stack, client, worker):
     running = client.submit(request(stack, num_inference_steps=40, strength=1.0, plugins=SLOW))
     queued = client.submit(request(stack))
-    assert client.cancel(queued) == "requested"
+    assert client.cancel(queued) == "requested"  # while the other runs: it has not started
     wait_for_step(client, running, 2)
     assert client.cancel(running) == "requested"
     for job_id in (running, queued):
@@ -80,6 +80,7 @@ def test_cancel_a_queued_and_a_running_job(stack, client, worker):
         assert status.state == "FAILURE" and status.error["code"] == "cancelled", status
         assert objects(stack, job_id) == {}
     assert "step" in client.status(running).error["message"]
+    assert client.status(queued).error["message"] == "cancelled before it started"
     succeeded = client.submit(request(stack))
     assert client.wait(succeeded, timeout=60).state == "SUCCESS"
     assert client.cancel(succeeded) == "ended" and client.status(succeeded).state == "SUCCESS"
@@ -333,7 +334,7 @@ def test_a_cancel_of_an_id_never_submitted_does_not_cancel_it_when_it_is_submitt
     client.cancel(plain)
     client.app.send_task("inpaint", kwargs={"request": request(stack)}, task_id=plain)
     status = client.wait(plain, timeout=60)
-    assert status.state == "FAILURE" and status.error["code"] == "cancelled", status
+    assert status.state == "FAILURE" and status.error["message"] == "cancelled before it started", status
 
 
 def test_a_job_id_whose_submitter_died_mid_send_is_sent_by_a_retry(stack, client, worker, run_log):
