@@ -3,6 +3,8 @@ cancelled or late job says, and the order hooks really run in."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -121,6 +123,55 @@ def test_a_job_past_its_deadline_says_no_result_was_written(runner, settings, tm
     assert "nothing was written" not in caught.value.message
     assert caught.value.message.endswith("during denoising; no result was written")
     assert not (tmp_path / "result.json").exists()
+
+
+def test_a_cancel_that_comes_during_decoding_still_writes_nothing(runner, settings, tmp_path):
+    from worker import job
+    from worker.inputs import LocalFetcher
+    from worker.outputs import DirectorySink
+
+    stages = []  # the cancel is asked for once the last step is done, as the image decodes
+    with pytest.raises(Cancelled) as caught:
+        job.run(runner.request(num_inference_steps=3, strength=1.0), model=runner.model, plugins=runner.plugins,
+                fetcher=LocalFetcher(settings.data_url_max_bytes), sink=DirectorySink(tmp_path), settings=settings,
+                reporter=lambda progress: stages.append(progress.stage), cancel_requested=lambda: "decoding" in stages)
+    assert caught.value.message == "cancelled after denoising; no result was written"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_job_past_its_deadline_and_margin_after_denoising_writes_nothing(runner, settings, tmp_path):
+    from worker import job
+    from worker.inputs import LocalFetcher
+    from worker.outputs import DirectorySink
+
+    class SlowLastStep:  # the last step ends past the deadline and its margin: decoding and uploads have no time left
+        @hookimpl
+        def inpaint_step_end(self, step, total_steps):
+            if step == total_steps:
+                time.sleep(0.6)
+
+    manager = Plugins(load_entry_points=False)
+    manager.register(SlowLastStep(), "slow_last_step")
+    with pytest.raises(DeadlineExceeded) as caught:
+        job.run(runner.request(num_inference_steps=2, strength=1.0, deadline_s=0.3), model=runner.model,
+                plugins=manager, fetcher=LocalFetcher(settings.data_url_max_bytes), sink=DirectorySink(tmp_path),
+                settings=settings.model_copy(update={"deadline_margin_s": 0.1}))
+    assert "and the margin after it (INPAINT_DEADLINE_MARGIN_S) before its outputs were written" in caught.value.message
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_image_is_turned_as_its_exif_orientation_says(runner):
+    import base64
+    import io
+
+    source = photo(64, 32)  # stored 64 wide; orientation 6: shown turned a quarter clockwise, 32 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    source.save(buffer, format="JPEG", exif=exif.tobytes())
+    image = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    result = runner.run(image=image, mask_image=data_url(box_mask(32, 64, (8, 8, 24, 24))))
+    assert (result.images[0].width, result.images[0].height) == (32, 64)
 
 
 # --- the order hooks run in (docs/plugins.md, "Rules of the road") ---------------------------------------------

@@ -86,6 +86,17 @@ def test_cancel_a_queued_and_a_running_job(stack, client, worker):
     assert client.cancel(succeeded) == "ended" and client.status(succeeded).state == "SUCCESS"
 
 
+def test_output_options_name_the_objects_and_their_format(stack, client, worker):
+    job_id = client.submit(request(stack, output_type="webp", output={"prefix": "renders/2026", "quality": 90}))
+    status = client.wait(job_id, timeout=60)
+    assert status.state == "SUCCESS", status.error
+    key = f"renders/2026/{job_id}/0.webp"
+    assert status.result.images[0].location == f"s3://outputs/{key}"
+    stored = stack.s3.client().get_object(Bucket="outputs", Key=key)
+    assert stored["ContentType"] == "image/webp" and Image.open(io.BytesIO(stored["Body"].read())).format == "WEBP"
+    assert objects(stack, job_id) == {}  # nothing under the default prefix
+
+
 def wait_for_step(client, job_id: str, step: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
