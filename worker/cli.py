@@ -1,4 +1,4 @@
-"""`inpaint-worker`: run one job locally, build the tiny model, list plugins."""
+"""`inpaint-worker`: run, launch, submit, up (a local stack), tiny-model, plugins."""
 
 from __future__ import annotations
 
@@ -126,6 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import load_model
     from .plugins import Plugins
     from .settings import Settings
+    from .tracking import no_reporter
 
     settings = Settings(**({"model": args.model} if args.model else {}))
     try:
@@ -140,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if model.tiny:
             print(f"note: using the {model.describe()['label']} (set INPAINT_MODEL or --model for a real one)",
                   file=sys.stderr)
-        reporter = (lambda progress: None) if args.quiet else ProgressBar()
+        reporter = no_reporter if args.quiet else ProgressBar()
         result = job.run(request, model=model, plugins=plugins, fetcher=LocalFetcher(settings.data_url_max_bytes),
                          sink=DirectorySink(args.out), settings=settings, reporter=reporter)
     except JobError as error:

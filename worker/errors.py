@@ -18,12 +18,7 @@ class JobError(Exception):
         self.plugin = plugin
 
     def to_dict(self) -> dict:
-        out = {"code": self.code, "message": self.message}
-        if self.field:
-            out["field"] = self.field
-        if self.plugin:
-            out["plugin"] = self.plugin
-        return out
+        return error_dict(self.code, self.message, self.field, self.plugin)
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -89,9 +84,13 @@ class JobFailed(Exception):
         return cls(error.code, error.message, error.field, error.plugin)
 
     def to_dict(self) -> dict:
-        out = {"code": self.code, "message": self.message}
-        out.update({k: v for k, v in (("field", self.field), ("plugin", self.plugin)) if v})
-        return out
+        return error_dict(self.code, self.message, self.field, self.plugin)
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+def error_dict(code: str, message: str, field: str | None, plugin: str | None) -> dict:
+    """An error as clients read it: code and message, and field or plugin when known."""
+    return {"code": code, "message": message, **({"field": field} if field else {}),
+            **({"plugin": plugin} if plugin else {})}

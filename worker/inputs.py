@@ -100,12 +100,11 @@ def decode_image(data: bytes, field: str, max_pixels: int = MAX_DECODE_PIXELS) -
 
 def load_tensor(data: bytes, field: str) -> Any:
     """A tensor parameter from a .safetensors file holding one tensor (or one named like the field)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load
 
     try:
         tensors = load(data)
-    except (SafetensorError, Exception) as error:
+    except Exception as error:  # safetensors' SafetensorError, and torch's errors
         raise InvalidRequest(field, f"not a readable .safetensors file: {error}") from None
     if field in tensors:
         return tensors[field]

@@ -6,7 +6,6 @@ the same job runs in `inpaint-worker run` on a laptop and in a Celery worker.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
 from .inputs import Fetcher, decode_image, load_tensor
 from .io_pool import at_once, retry_until
 from .outputs import CONTENT_TYPES, EXTENSIONS, MAX_SIDE, OutputSink, encode_output, put_all, remove
-from .pipeline import LoadedModel, count_prompt_tokens, generator, template_closing_tokens
+from .pipeline import LoadedModel, count_prompt_tokens, free_memory, generator, template_closing_tokens
 from .plugins import JobHooks, Plugins
 from .schema import (
     REFERENCE_FIELDS,
@@ -479,7 +478,7 @@ def failed(job: Job, raised: Exception, model: LoadedModel, hooks: JobHooks) -> 
     hooks.notify("inpaint_job_failed", job=job, error=error)  # a raising hook never hides the job's error
     forget_locals(raised)
     if isinstance(error, OutOfMemory):
-        free_memory(model)
+        free_memory(model.device)
     return error
 
 
@@ -501,9 +500,4 @@ def as_job_error(error: BaseException) -> JobError:
     log.exception("job failed with an unexpected error")
     return InternalError(f"{type(error).__name__}: {error}")
 
-
-def free_memory(model: LoadedModel) -> None:
-    gc.collect()
-    if model.device.type == "cuda":
-        torch.cuda.empty_cache()
 

@@ -46,4 +46,4 @@ def peak_memory() -> int | None:
 
 
 def queue_waited(seconds: float) -> None:
-    QUEUE_WAIT_SECONDS.observe(max(0.0, seconds))
+    QUEUE_WAIT_SECONDS.observe(seconds)

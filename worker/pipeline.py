@@ -1,4 +1,4 @@
-"""Loading the pipeline once per process, and running it for one image.
+"""Loading the pipeline once per process (and warming it up), counting prompt tokens, seeded generators.
 
 Device and dtype come from settings: one dtype for every component (bfloat16 on CUDA,
 float32 on CPU; float16 gives NaNs for this model). Pipeline objects hold per-call
@@ -139,9 +139,7 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
                 plugins.pipeline_loaded(pipe, settings)
             if settings.fp8:  # after the plugins' setup: a LoRA is loaded (and fused) into bfloat16 layers first
                 quantize_blocks_fp8(pipe.transformer)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory(device)
         return _loaded[key]
 
 
@@ -238,3 +236,10 @@ def sequence_length(model: LoadedModel, prompt: str) -> int:
 def generator(seed: int) -> torch.Generator:
     """A CPU generator: the same seed gives the same noise on every device."""
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def free_memory(device: torch.device) -> None:
+    """Let go of what nothing uses now: unreachable cycles, and on CUDA the allocator's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from .errors import InvalidRequest
 
 OutputType = Literal["png", "jpeg", "webp", "latent"]
-Stage = Literal["queued", "fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
+Stage = Literal["fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
                 "uploading"]
 ATTENTION_KWARGS_ALLOWED = {"scale"}
 # Generous bounds, far past any useful value: a bigger number is a mistake, and arithmetic on it could overflow a float.
@@ -152,11 +152,10 @@ class InpaintRequest(BaseModel):
             raise _field_error("negative_prompt", "give at most one of negative_prompt or negative_prompt_embeds")
         if isinstance(self.prompt, list) and not self.prompt:
             raise _field_error("prompt", "the list of prompts is empty")
-        for name in ("prompt_embeds_mask",):
-            if getattr(self, name) is not None and self.prompt_embeds is None:
-                raise _field_error(name, "needs prompt_embeds")
-        if self.negative_prompt_embeds_mask is not None and self.negative_prompt_embeds is None:
-            raise _field_error("negative_prompt_embeds_mask", "needs negative_prompt_embeds")
+        for mask, embeds in (("prompt_embeds_mask", "prompt_embeds"),
+                             ("negative_prompt_embeds_mask", "negative_prompt_embeds")):
+            if getattr(self, mask) is not None and getattr(self, embeds) is None:
+                raise _field_error(mask, f"needs {embeds}")
         prompts = self.prompt_count  # with prompt_embeds, known once the tensor is loaded (job.check_tensors)
         if isinstance(self.negative_prompt, list) and self.prompt is not None and len(self.negative_prompt) != prompts:
             raise _field_error(
@@ -198,10 +197,6 @@ class InpaintRequest(BaseModel):
 
     def plugin_enabled(self, name: str) -> bool:
         return self.plugins.get(name, True) is not False
-
-    def plugin_options(self, name: str) -> dict[str, Any]:
-        options = self.plugins.get(name)
-        return options if isinstance(options, dict) else {}
 
 
 # what a job fetches (s3://, https://, data:): the pictures and the tensors

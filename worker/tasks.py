@@ -143,14 +143,13 @@ def release_the_job(task_id: str, **_: Any) -> None:
         lease.release()
 
 
-def run_counted(self: Any, request: dict) -> dict:
-    job_id, started = self.request.id, time.time()
+def run_counted(task: Any, request: dict) -> dict:
+    job_id, started, waited = task.request.id, time.time(), queue_wait(task.request)
     try:
         log.info("job started")
-        waited = queue_wait(self.request).get("queue_wait_s")
-        if waited is not None:
-            metrics.queue_waited(waited)
-        result = run_job(self, job_id, request)
+        if waited:
+            metrics.queue_waited(waited["queue_wait_s"])
+        result = run_job(task, job_id, request, waited)
     except JobFailed as failed:
         metrics.job_ended(failed.code, time.time() - started)
         raise
@@ -163,7 +162,7 @@ def run_counted(self: Any, request: dict) -> dict:
     return result
 
 
-def run_job(self: Any, job_id: str, request: dict) -> dict:
+def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> dict:
     settings, redis = get_settings(), app.backend.client
     try:
         if not re.fullmatch(JOB_ID_PATTERN, job_id):  # it names the job's objects: no '/' or '..' from a send_task
@@ -179,14 +178,14 @@ def run_job(self: Any, job_id: str, request: dict) -> dict:
         if bucket != settings.output_bucket:
             raise InvalidRequest("output.bucket", f"this worker writes only to {settings.output_bucket!r}")
         rt = runtime()
-        reporter = TaskReporter(self, job_id)
+        reporter = TaskReporter(task, job_id)
         try:
             result = job.run(parsed, model=rt.model, plugins=rt.plugins, fetcher=rt.fetcher,
                              sink=S3Sink(settings, job_id, bucket, parsed.output.prefix or settings.output_prefix,
                                          rt.s3),
                              settings=settings, reporter=reporter,
                              cancel_requested=lambda: cancel_requested(redis, job_id),
-                             job_id=job_id, worker={"node": self.request.hostname, **queue_wait(self.request)})
+                             job_id=job_id, worker={"node": task.request.hostname, **waited})
         finally:
             reporter.close()
     except JobError as error:

@@ -17,7 +17,7 @@ def no_reporter(progress: Progress) -> None:
 class Tracker:
     """Times stages and reports progress at most once per `interval_s`, always the last step."""
 
-    def __init__(self, reporter: Reporter = no_reporter, interval_s: float = 0.25):
+    def __init__(self, reporter: Reporter, interval_s: float):
         self.reporter = reporter
         self.interval_s = interval_s
         self.started = time.monotonic()

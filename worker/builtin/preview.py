@@ -53,7 +53,7 @@ def render_preview(pipe: Any, latents: torch.Tensor, height: int, width: int) ->
 @hookimpl
 def inpaint_step_end(job: Any, step: int, total_steps: int, latents: torch.Tensor) -> None:
     every = job.request.preview_every
-    if not every or (step % every and step != total_steps) or job.sink is None or job.state.get("previews_failed"):
+    if not every or (step % every and step != total_steps) or job.state.get("previews_failed"):
         return
     image = render_preview(job.pipe, latents, job.params["height"], job.params["width"])
     buffer = io.BytesIO()
