@@ -239,7 +239,7 @@ def test_a_mask_with_a_transparent_background_repaints_only_its_stroke(runner, m
     assert np.array_equal(runner.pixels(with_alpha), runner.pixels(plain))
 
 
-@pytest.mark.parametrize("grow", [1, 2, 5, 17])
+@pytest.mark.parametrize("grow", [1, 2, 5, 17, 24])
 def test_grow_dilates_the_mask_by_a_square_as_a_max_filter_would(grow):
     from PIL import ImageFilter
 
@@ -249,6 +249,24 @@ def test_grow_dilates_the_mask_by_a_square_as_a_max_filter_would(grow):
     mask = Image.fromarray((rng.random((48, 80)) > 0.985).astype(np.uint8) * 255)  # scattered dots, edges included
     mask.putpixel((0, 0), 255)
     mask.putpixel((79, 47), 255)
+    mask.paste(255, (0, 20, 1, 30))  # a stroke along the left edge, and a dot one pixel in from the top
+    mask.putpixel((40, 1), 255)
     grown = prepare_mask(mask, mask.size, Options(grow=grow))
     expected = mask.filter(ImageFilter.MaxFilter(2 * grow + 1))  # what it was: a (2 grow + 1) square window
     assert grown.mode == "L" and np.array_equal(np.asarray(grown), np.asarray(expected))
+
+
+@pytest.mark.parametrize(("pixels", "grow"), [
+    ((slice(0, 1), [1, 23]), 24),  # one row: dots 1 px in from either end
+    ((slice(100, 140), slice(0, 5)), 32),  # a stroke along the left edge of a 256x256 mask
+])
+def test_grow_leaves_no_gap_near_the_border(pixels, grow):
+    from PIL import ImageFilter
+
+    from worker.builtin.mask import Options, prepare_mask
+
+    array = np.zeros((1, 26) if grow == 24 else (256, 256), np.uint8)
+    array[pixels] = 255
+    mask = Image.fromarray(array)
+    grown = prepare_mask(mask, mask.size, Options(grow=grow))
+    assert np.array_equal(np.asarray(grown), np.asarray(mask.filter(ImageFilter.MaxFilter(2 * grow + 1))))

@@ -122,3 +122,16 @@ def test_flower_does_not_start_without_usable_credentials(stack, tmp_path, crede
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
     assert not list(tmp_path.glob("flower.db*"))
+
+
+def test_a_job_that_fails_shows_no_result_not_its_last_progress(stack, client, worker, flower):
+    assert poll(lambda: api(flower, "/api/workers?status=1").get(worker.node) is True), "Flower hears no events"
+    job_id = client.submit({"prompt": "a pear", "image": upload(stack, "flower-photo.png", photo()),
+                            "mask_image": upload(stack, "flower-mask.png", box_mask()), "seed": 1,
+                            "num_inference_steps": 40, "strength": 1.0, "plugins": SLOW})
+    assert poll(lambda: "denoising" in str(api(flower, f"/api/task/info/{job_id}").get("result"))), \
+        "Flower shows no progress"
+    client.cancel(job_id)
+    assert client.wait(job_id, timeout=60).state == "FAILURE"
+    task = poll(lambda: (t := api(flower, f"/api/task/info/{job_id}")) and t["state"] == "FAILURE" and t)
+    assert task and task["result"] is None and "cancelled" in task["exception"], task

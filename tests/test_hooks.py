@@ -502,6 +502,15 @@ def test_a_preprocess_plugin_can_change_the_schedule_and_steps_follow_it(runner)
     assert (parameters.num_inference_steps, parameters.strength, parameters.steps_run) == (6, 1.0, 6)
 
 
+def test_a_schedule_a_preprocess_plugin_gives_as_numpy_values_is_taken(runner):
+    recorder = Recorder()
+    result = runner.run(manager=manager_with(("reschedule", Reschedule(num_inference_steps=np.int64(5),
+                                                                       sigmas=np.linspace(1.0, 0.2, 5))),
+                                             ("recorder", recorder)), num_inference_steps=4, strength=1.0)
+    assert [call[1:] for call in recorder.calls if call[0] == "step"] == [(step, 5) for step in range(1, 6)]
+    assert result.parameters.num_inference_steps == 5
+
+
 @pytest.mark.parametrize(("params", "field", "expected"), [
     ({"strength": 0.0}, "strength", "greater than 0"),
     ({"num_inference_steps": 5000}, "num_inference_steps", "must be at most 1000"),

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from support import box_mask, photo, upload
 
 from worker.launch import plan
@@ -183,6 +184,15 @@ def test_up_demo_runs_the_whole_stack_and_stops_it(tiny_model_dir, tmp_path):
     for port in ports:
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_worker_command_is_one_celery_takes(quiet):
+    from worker.launch import worker_command
+
+    done = subprocess.run([*worker_command("w1@host", "inpaint", quiet=quiet), "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr  # "--quiet" after "worker": No such option, and every worker exits
 
 
 def test_launch_logs_in_the_workers_format():

@@ -95,6 +95,17 @@ def test_json_logs_carry_the_job_id_on_every_line_of_a_job(stack, client, worker
     assert {"ts", "level", "logger", "message"} <= set(mine[0])
 
 
+@pytest.mark.parametrize(("header", "expected"), [(None, {}), ("yesterday", {}), (True, {}), ([1], {}),
+                                                  (0, {}), ("1e9", {})])
+def test_a_queue_wait_header_that_is_not_a_time_is_ignored(header, expected):
+    from types import SimpleNamespace
+
+    from worker.tasks import queue_wait  # any send_task caller may set the header, to anything
+
+    assert queue_wait(SimpleNamespace(inpaint_submitted_at=header)) == expected
+    assert queue_wait(SimpleNamespace(inpaint_submitted_at=time.time() - 2))["queue_wait_s"] >= 2
+
+
 def test_the_readme_configuration_table_lists_every_setting_with_its_default():
     readme = (ROOT / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(INPAINT_\w+)` \| ([^|]+) \|", readme, re.M))

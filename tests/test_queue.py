@@ -179,6 +179,23 @@ def _capture(receiver, seconds: float) -> None:
             continue
 
 
+def test_task_events_carry_progress_and_previews_without_their_signatures(stack, client, worker):
+    """What Flower (and its database) keeps of a job: the progress line, previews' and results' URLs unsigned."""
+    events = []
+    job_id = client.submit(request(stack, num_inference_steps=20, strength=1.0, plugins=SLOW, preview_every=5))
+    with client.app.connection_for_read() as connection:
+        receiver = client.app.events.Receiver(connection, handlers={
+            "task-progress": events.append, "task-succeeded": events.append})
+        _capture(receiver, seconds=6)  # 20 slow steps: about 3 s
+    assert client.wait(job_id, timeout=60).state == "SUCCESS"
+    mine = [event for event in events if event["uuid"] == job_id]
+    previews = [event["preview"] for event in mine if event.get("preview")]
+    assert previews and all(preview.endswith(".jpg?...") for preview in previews), previews[:2]
+    assert any(event.get("result", "").startswith("denoising: step") for event in mine)
+    assert "Signature" not in json.dumps(mine)
+    assert "Signature" in client.status(job_id).result.images[0].url  # the client's copy is signed, to fetch
+
+
 def test_resubmitting_a_job_id_runs_it_once(stack, client, worker, run_log):
     job_id = f"idem-{time.monotonic_ns()}"
     assert client.submit(request(stack), job_id=job_id) == job_id

@@ -129,6 +129,13 @@ def test_a_refused_request_quoting_a_signed_url_shows_it_without_its_query():
     assert "SECRET-TOKEN-42" not in str(caught.value.to_dict())
 
 
+def test_a_prompt_that_quotes_a_signed_url_is_recorded_whole_without_the_signature():
+    from worker.schema import redacted
+
+    assert redacted({"prompt": "Style: https://cdn.example/ref.png?X-Amz-Signature=SECRET like this"}) == {
+        "prompt": "Style: https://cdn.example/ref.png?... like this"}
+
+
 def test_a_refused_value_is_quoted_with_its_secret_named_fields_hidden():
     from worker.errors import InvalidRequest
     from worker.schema import parse_request

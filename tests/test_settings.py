@@ -61,6 +61,8 @@ SCHEMES = "must be a Redis URL starting with redis://, rediss://, redis+socket:/
     # Celery's Redis client refuses it in every call (a bare ValueError), the worker's and every client's
     pytest.param("INPAINT_BROKER_URL", f"rediss://:{PASSWORD}@redis.example.com:6380/0",
                  "a rediss:// URL needs ?ssl_cert_reqs=required (or optional, or none", id="rediss-no-cert-reqs"),
+    pytest.param("INPAINT_RESULT_BACKEND", "rediss://redis.example.com:6380/0?ssl_cert_reqs=REQUIRED",  # Celery:
+                 "a rediss:// URL needs ?ssl_cert_reqs=required", id="rediss-cert-reqs-spelt-otherwise"),  # no
     # boto3 refuses it when the worker starts: every worker would exit and be restarted, again and again
     pytest.param("INPAINT_S3_ENDPOINT_URL", "minio:9000", "must be an http:// or https:// URL", id="s3-no-scheme"),
     # S3 refuses every URL signed for longer than 7 days: jobs would succeed with result URLs that never work
@@ -94,6 +96,7 @@ def test_a_log_level_in_any_case_is_the_level_the_worker_logs_at(monkeypatch, gi
 @pytest.mark.parametrize("url", ["redis://localhost:6379/0", f"redis://:{PASSWORD}@10.0.0.5:6379/0",
                                  f"rediss://:{PASSWORD}@redis.example.com:6380/1?ssl_cert_reqs=required",
                                  "rediss://redis.example.com:6380/1?ssl_cert_reqs=CERT_NONE",
+                                 "rediss://redis.example.com:6380/1?ssl_cert_reqs=optional",
                                  f"redis+socket:///run/redis/redis.sock?password={PASSWORD}&virtual_host=2"])
 def test_every_kind_of_redis_url_kombu_and_celery_take_is_accepted(url):
     from worker.app import make_app

@@ -189,16 +189,21 @@ SCHEDULE = ("num_inference_steps", "strength", "sigmas")
 
 def check_schedule(job: Job) -> None:
     """The denoising schedule, when a preprocess hook changed it in `params`, checked as the request's was."""
-    changed = {name: job.params[name] for name in SCHEDULE if job.params[name] != getattr(job.request, name)}
+    schedule = {name: plain(job.params[name]) for name in SCHEDULE}  # a hook may give numpy values
+    changed = [name for name in SCHEDULE if schedule[name] != getattr(job.request, name)]
     if not changed:
         return
-    schedule = {name: job.params[name] for name in SCHEDULE}
     try:  # the request's own checks, on a request that differs from a valid one only in its schedule
         parse_request({"prompt": "-", "image": "-", "mask_image": "-", **schedule})
         job.limits.check_steps(schedule["num_inference_steps"])
     except InvalidRequest as error:
         raise InvalidRequest(error.field, f"{error.message.removeprefix(error.field + ': ')} (after a preprocess "
                              f"hook changed {', '.join(sorted(changed))} in job.params)") from None
+
+
+def plain(value: Any) -> Any:
+    """A numpy or torch value as the Python value it holds (lists for arrays); anything else as it is."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def output_size(job: Job) -> tuple[int, int]:

@@ -45,9 +45,9 @@ def visible_gpus() -> list[str]:
 
 
 def worker_command(node: str, queue: str, quiet: bool = False) -> list[str]:
-    """`quiet`: without Celery's start-up banner (text on stdout), for JSON logs."""
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", POOL, "--concurrency", "1",
-            "--hostname", node, "--queues", queue, "--task-events", *(["--quiet"] if quiet else [])]
+    """`quiet`: without Celery's start-up banner (text on stdout), for JSON logs (a global option of celery's)."""
+    return [sys.executable, "-m", "celery", "-A", "worker.app", *(["--quiet"] if quiet else []), "worker", "--pool",
+            POOL, "--concurrency", "1", "--hostname", node, "--queues", queue, "--task-events"]
 
 
 def plan(gpus: list[str], cpu_workers: int, metrics_port: int | None = None) -> list[Slot]:

@@ -226,7 +226,7 @@ def redacted(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redacted(item) for item in value]
     if isinstance(value, str):
-        return redacted_reference(value)
+        return redacted_text(value)  # a reference, or a prompt that quotes one
     return value
 
 
@@ -242,10 +242,10 @@ def redacted_reference(ref: str) -> str:
     except ValueError:  # e.g. an unclosed IPv6 bracket
         scheme, _, rest = ref.split("?", 1)[0].split("#", 1)[0].partition("://")
         return f"{scheme}://{rest.rpartition('@')[2]}"
-    if not parts.scheme:
+    if not parts.scheme or not ref[len(parts.scheme):].startswith("://"):  # "style: https://..." is a prompt
         return ref
     query = "?..." if parts.query or parts.fragment else ""  # e.g. redis+socket:///run/r.sock?password=...
-    scheme = ref.partition("://")[0]  # as written: urlsplit lower-cases it
+    scheme = ref[:len(parts.scheme)]  # as written: urlsplit lower-cases it
     return f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"  # no user:password@
 
 

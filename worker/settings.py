@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # what both kombu (the broker) and Celery (the result backend) take for Redis; they know no unix://
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
+CERT_REQS = ("required", "optional", "none", "CERT_REQUIRED", "CERT_OPTIONAL", "CERT_NONE")  # what Celery takes
 
 
 class Settings(BaseSettings):
@@ -156,7 +157,7 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and value.startswith("rediss://"):
             reqs = parse_qs(urlsplit(value).query).get("ssl_cert_reqs", [""])[-1]
-            if reqs.upper().removeprefix("CERT_") not in ("REQUIRED", "OPTIONAL", "NONE"):
+            if reqs not in CERT_REQS:
                 raise ValueError("a rediss:// URL needs ?ssl_cert_reqs=required (or optional, or none: no certificate "
                                  "check), the TLS certificate check Celery's Redis client must be told")
         if value is None or value.startswith(REDIS_SCHEMES):

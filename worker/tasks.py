@@ -22,7 +22,7 @@ from .errors import Cancelled, InvalidRequest, JobError, JobFailed
 from .lease import JobLease
 from .pipeline import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
-from .schema import JOB_ID_PATTERN, Progress, parse_request, redacted_text
+from .schema import JOB_ID_PATTERN, Progress, parse_request, redacted, redacted_text
 from .settings import get_settings
 from .storage import S3Sink, StorageFetcher, s3_client
 
@@ -91,6 +91,8 @@ class RedactedRequest(Request):
     def send_event(self, type: str, **fields: Any) -> None:
         if type == "task-succeeded" and isinstance(fields.get("result"), str):  # the result's repr
             fields["result"] = redacted_text(fields["result"])
+        elif type in ("task-failed", "task-revoked"):  # no result: not the last progress line (a task's result field
+            fields.setdefault("result", None)            # shows it while the job runs)
         super().send_event(type, **fields)
 
 
@@ -196,8 +198,10 @@ def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> 
 
 def queue_wait(request: Any) -> dict[str, float]:
     """Seconds from submit to now, when the job came through InpaintClient.submit (which stamps it)."""
-    submitted = getattr(request, "inpaint_submitted_at", None)
-    return {"queue_wait_s": round(max(0.0, time.time() - submitted), 3)} if submitted else {}
+    submitted = getattr(request, "inpaint_submitted_at", None)  # a header: any sender may set it, to anything
+    if isinstance(submitted, bool) or not isinstance(submitted, int | float) or not submitted:
+        return {}
+    return {"queue_wait_s": round(max(0.0, time.time() - submitted), 3)}
 
 
 def cancel_requested(redis: Any, job_id: str) -> bool:
@@ -282,7 +286,8 @@ class TaskReporter:
                                 int(backend.expires))
             with self.app.events.default_dispatcher(hostname=self.hostname) as events:
                 # `result` too: the one field of a task that Flower's pages and API show for a running task
-                events.send("task-progress", uuid=self.job_id, result=progress_line(progress), **meta)
+                shown = {**meta, "preview": redacted(progress.preview)} if progress.preview else meta  # Flower
+                events.send("task-progress", uuid=self.job_id, result=progress_line(progress), **shown)  # keeps it
         except Exception as error:  # progress is best effort: Redis away must not fail the job
             log.warning("could not report progress: %s", error)
             return False

@@ -29,8 +29,11 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int], options: Options) -> 
 
 
 def dilate(inside: np.ndarray, radius: int) -> np.ndarray:
-    """Dilation by a (2 radius + 1) square, in O(log radius) shifted ORs per axis."""
-    out = inside
+    """Dilation by a (2 radius + 1) square, in O(log radius) shifted ORs per axis. Padded by the radius: a shift
+    that pushed a border pixel's reach out of the array would leave a gap at the next, larger shift."""
+    if radius <= 0:
+        return inside
+    out = np.pad(inside, radius)
     for axis in (0, 1):
         span = 0  # out covers [i - span, i + span] along this axis
         while span < radius:
@@ -43,7 +46,7 @@ def dilate(inside: np.ndarray, radius: int) -> np.ndarray:
                 grown[:, step:] |= out[:, :-step]
                 grown[:, :-step] |= out[:, step:]
             out, span = grown, span + step
-    return out
+    return out[radius:-radius, radius:-radius]
 
 
 def to_gray(mask: Image.Image) -> Image.Image:
