@@ -150,11 +150,12 @@ class InpaintClient:
                                        argsrepr="()", kwargsrepr=kwargs_summary(payload))
                 break
             except RedisUnavailable as error:
-                if attempt + 1 < SEND_TRIES and not timed_out(error):
+                late = timed_out(error)
+                if attempt + 1 < SEND_TRIES and not late:
                     time.sleep(0.2 * (attempt + 1))
                     continue
                 self._unclaim(job_id)
-                if timed_out(error):
+                if late:
                     raise RedisUnavailable(error.url, f"{error.reason}; if Redis took the job before it timed out, the "
                                            "job runs: submitting it again with the same job_id runs it once") from error
                 raise
@@ -261,26 +262,23 @@ def connection_error(error: BaseException) -> BaseException | None:
 
     kinds = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
              ConnectionError)
-    seen: BaseException | None = error
-    for _ in range(5):  # Celery's "Retry limit exceeded ... must be restarted" is a RuntimeError from one
-        if seen is None:
-            return None
-        if isinstance(seen, kinds):
-            return seen
-        seen = seen.__cause__
-    return None
+    return next((cause for cause in causes(error) if isinstance(cause, kinds)), None)
 
 
 def timed_out(error: BaseException) -> bool:
     """Whether a connection error was a timeout: Redis may have done what it was asked, its reply lost."""
     import redis.exceptions
 
-    seen: BaseException | None = error
+    return any(isinstance(cause, TimeoutError | redis.exceptions.TimeoutError) for cause in causes(error))
+
+
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and what it was raised from, five deep (Celery's "Retry limit exceeded" is a RuntimeError from one)."""
     for _ in range(5):
-        if isinstance(seen, TimeoutError | redis.exceptions.TimeoutError):
-            return True
-        seen = seen.__cause__ if seen is not None else None
-    return False
+        if error is None:
+            return
+        yield error
+        error = error.__cause__
 
 
 def _password(url: str) -> str | None:

@@ -282,8 +282,9 @@ class S3Sink:
     """Writes `{prefix}/{job_id}/{name}`: a redelivered job overwrites its own objects, never adds new ones."""
 
     def __init__(self, settings: Settings, job_id: str, bucket: str, prefix: str, client: Any | None = None):
-        if not re.fullmatch(JOB_ID_PATTERN, job_id):
-            raise ValueError(f"job id {job_id!r:.80} must match {JOB_ID_PATTERN}: it is part of the objects' keys")
+        if not re.fullmatch(JOB_ID_PATTERN, job_id):  # a plain send_task's id: no '/' or '..' into another's keys
+            raise InvalidRequest("job_id", f"the task's id {job_id!r:.80} must match {JOB_ID_PATTERN} (it names the "
+                                 "job's objects in S3)")
         self.settings, self.bucket = settings, bucket
         self.prefix = f"{prefix.strip('/')}/{job_id}" if prefix.strip("/") else job_id
         self.client = client or s3_client(settings)
