@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import Runner
 
+from tests.support import Runner
 from worker.tiny import build_tiny_model
 
 

@@ -1,9 +1,11 @@
-"""Helpers the tests share: deterministic pictures, data: URLs, an in-process job runner, S3 uploads."""
+"""Helpers the tests share: deterministic pictures, data: URLs, an in-process job runner, S3 uploads, and what
+a queued job leaves behind (its objects, its runs in the testkit plugin's log, its progress)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +50,20 @@ class Runner:
         fields = {k: v for k, v in fields.items() if v is not None or k == "seed"}
         return fields
 
-    def run(self, manager=None, reporter=None, **fields):
+    def run(self, manager=None, reporter=None, *, settings=None, sink=None, cancel_requested=None, **fields):
+        """One job through `job.run`; by default with the session's settings, into a folder of its own."""
         from worker import job
         from worker.inputs import LocalFetcher
         from worker.outputs import DirectorySink
 
         self.count += 1
-        out = self.directory / f"job{self.count}"
+        settings = settings or self.settings
+        if sink is None:
+            sink = DirectorySink(self.directory / f"job{self.count}")
         kwargs = {"reporter": reporter} if reporter else {}
-        result = job.run(self.request(**fields), model=self.model, plugins=manager or self.plugins,
-                         fetcher=LocalFetcher(self.settings.data_url_max_bytes), sink=DirectorySink(out),
-                         settings=self.settings, **kwargs)
-        return result
+        return job.run(self.request(**fields), model=self.model, plugins=manager or self.plugins,
+                       fetcher=LocalFetcher(settings.data_url_max_bytes), sink=sink, settings=settings,
+                       cancel_requested=cancel_requested, **kwargs)
 
     @staticmethod
     def pixels(result, index: int = 0) -> np.ndarray:
@@ -81,3 +85,29 @@ def job_request(stack, **fields) -> dict:
     fields.setdefault("num_inference_steps", 4)
     fields.setdefault("seed", 1)
     return fields
+
+
+def objects(stack, job_id: str) -> dict[str, str]:
+    """What a job stored in S3 under the default prefix (outputs/jobs/<id>/): key -> ETag."""
+    listing = stack.s3.client().list_objects_v2(Bucket="outputs", Prefix=f"jobs/{job_id}/")
+    return {item["Key"]: item["ETag"] for item in listing.get("Contents", [])}
+
+
+def outputs(stack, job_id: str) -> list[str]:
+    """The names of a job's objects within its folder, sorted: ["0.png", "result.json"]."""
+    return sorted(key.removeprefix(f"jobs/{job_id}/") for key in objects(stack, job_id))
+
+
+def runs(run_log: Path, job_id: str) -> tuple[int, int]:
+    """How often the testkit plugin saw a job start and finish (its log: the id a start, done:<id> an end)."""
+    words = run_log.read_text().split() if run_log.exists() else []
+    return words.count(job_id), words.count(f"done:{job_id}")
+
+
+def wait_for_step(client, job_id: str, step: int, timeout: float = 60) -> None:
+    """Until a queued job's progress says it is denoising at `step` or later."""
+    deadline = time.monotonic() + timeout
+    while (progress := client.status(job_id).progress) is None or progress.stage != "denoising" \
+            or progress.step < step:
+        assert time.monotonic() < deadline, f"{job_id} never reached step {step}"
+        time.sleep(0.02)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save
-from support import box_mask, photo
+
+from tests.support import box_mask, photo
 
 PNG = io.BytesIO()
 photo().save(PNG, format="PNG")

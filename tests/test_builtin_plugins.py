@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from support import box_mask, data_url, photo
 
+from tests.support import box_mask, data_url, photo
 from worker.builtin import paste_back
 from worker.errors import Cancelled, DeadlineExceeded
 from worker.hooks import hookimpl

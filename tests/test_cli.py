@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from support import box_mask, photo
+
+from tests.support import box_mask, photo
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -146,7 +147,7 @@ def submit_env(stack, **extra: str) -> dict:
 
 
 def test_submit_sends_a_request_file_with_data_urls_as_they_are(stack, worker, tmp_path):
-    from support import data_url
+    from tests.support import data_url
 
     request = {"prompt": "a pear", "image": data_url(photo(seed=5)), "mask_image": data_url(box_mask()),
                "num_inference_steps": 2, "seed": 3}

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from support import box_mask, data_url, photo
+
+from tests.support import box_mask, data_url, photo
 
 yaml = pytest.importorskip("yaml")
 

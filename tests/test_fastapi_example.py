@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support import job_request as request
+
+from tests.support import job_request as request
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the rootdir on sys.path

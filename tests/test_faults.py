@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from support import box_mask, photo, upload
+
+from tests.support import box_mask, photo, upload
 
 HOST = socket.gethostname()
 FAST_RECOVERY = {"INPAINT_VISIBILITY_TIMEOUT_S": "12", "INPAINT_MAX_DEADLINE_S": "8", "INPAINT_DEADLINE_MARGIN_S": "2",

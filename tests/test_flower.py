@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from support import box_mask, photo, upload
 
+from tests.support import box_mask, photo, upload
 from worker.stack import FLOWER_CONF, FlowerProcess, free_port, stop_process
 
 pytest.importorskip("flower")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from support import box_mask, data_url, photo
 
+from tests.support import box_mask, data_url, photo
 from worker.errors import InvalidRequest, PluginError
 from worker.hooks import hookimpl
 from worker.plugins import Plugins

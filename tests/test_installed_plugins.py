@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from support import box_mask, photo, upload
+
+from tests.support import box_mask, photo, upload
 
 ROOT = Path(__file__).parent.parent
 SECRET = "webhook-test-secret-5b1e"

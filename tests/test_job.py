@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from support import box_mask, data_url, photo
 
+from tests.support import box_mask, data_url, photo
 from worker import job
 from worker.errors import DeadlineExceeded, InvalidRequest, JobError, PluginError
 from worker.hooks import hookimpl

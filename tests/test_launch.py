@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from support import box_mask, photo, upload
 
+from tests.support import box_mask, photo, upload
 from worker.launch import plan
 
 

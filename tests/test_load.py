@@ -7,7 +7,7 @@ import socket
 import statistics
 import time
 
-from support import box_mask, photo, upload
+from tests.support import box_mask, photo, upload
 
 JOBS, CANCELLED = 200, 20
 

@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support import box_mask, photo, upload
 
+from tests.support import box_mask, photo, upload
 from worker.settings import Settings
 
 ROOT = Path(__file__).parent.parent

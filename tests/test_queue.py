@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-from support import box_mask, data_url, photo
-from support import job_request as request
+
+from tests.support import box_mask, data_url, photo
+from tests.support import job_request as request
 
 HOST = socket.gethostname()
 SLOW = {"testkit": {"step_s": 0.15}}

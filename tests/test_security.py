@@ -7,8 +7,8 @@ import socket
 import threading
 
 import pytest
-from support import box_mask, photo, upload
 
+from tests.support import box_mask, photo, upload
 from worker.errors import InputForbidden
 from worker.settings import Settings
 from worker.storage import StorageFetcher, refuse_internal_address

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from support import data_url, photo
 
+from tests.support import data_url, photo
 from worker import job
 from worker.errors import InputNotFound, JobError, StorageError
 from worker.inputs import LocalFetcher
