@@ -387,6 +387,8 @@ def test_flower_runs_the_repository_flower_cfg_with_basic_auth_from_the_env_file
     assert (ROOT / "flower.cfg").is_file(), "the image copies the repository's flower.cfg"
     assert not any("torch" in run for run in values(stage, "RUN")), "Flower needs no torch"
     assert env_settings(stage)["FLOWER_DB"] == environment(flower)["FLOWER_DB"]
+    # flower.cfg listens on loopback unless told: inside a container, every interface (the port mapping decides)
+    assert env_settings(stage)["FLOWER_ADDRESS"] == environment(flower)["FLOWER_ADDRESS"] == "0.0.0.0"
     assert user_of(stage) not in {"root", "0", ""}
 
 

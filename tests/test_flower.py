@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.support import box_mask, photo, upload
-from worker.stack import FLOWER_CONF, FlowerProcess, free_port, stop_process
+from worker.stack import FLOWER_CONF, FlowerProcess, free_port, stop_process, wait_started
 
 pytest.importorskip("flower")
 
@@ -122,6 +122,49 @@ def test_flower_does_not_start_without_usable_credentials(stack, tmp_path, crede
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2)
     assert not list(tmp_path.glob("flower.db*"))
+
+
+def listening(port: int) -> set[str]:
+    """The addresses with a socket listening on `port`, from Linux's /proc/net/tcp and tcp6."""
+    import ipaddress
+    import struct
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, _, port_hex = local.partition(":")
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN; each 32-bit word in the host's byte order
+                words = b"".join(struct.pack("=I", int(address[i:i + 8], 16)) for i in range(0, len(address), 8))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+@pytest.mark.parametrize("address", [None, "", "127.0.0.2"])
+def test_flower_listens_on_loopback_unless_flower_address_says_otherwise(stack, tmp_path, address):
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("reads the listening sockets from Linux's /proc/net/tcp")
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_ADDRESS"}
+    env.update(FLOWER_BASIC_AUTH="ops:secret-Zq9", FLOWER_DB=str(tmp_path / "flower.db"))
+    if address is not None:
+        env["FLOWER_ADDRESS"] = address
+    expected = address or "127.0.0.1"
+    port, log_path = free_port(), tmp_path / "flower.log"
+    # as the README runs it: no --address flag
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "celery", "--broker", stack.redis.url, "flower",
+                                    f"--conf={FLOWER_CONF}", f"--port={port}"], env=env, cwd=tmp_path, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_started(lambda: urllib.request.urlopen(f"http://{expected}:{port}/healthcheck", timeout=1).status == 200,
+                     60, "Flower", process, log_path)
+        assert listening(port) == {expected}  # not 0.0.0.0 or :: (every interface)
+    finally:
+        stop_process(process, timeout=10)
 
 
 def test_a_job_that_fails_shows_no_result_not_its_last_progress(stack, client, worker, flower):
