@@ -23,7 +23,6 @@ class Options(BaseModel):
 @hookimpl
 def inpaint_job_finished(job, result) -> None:
     """Called after a job's outputs are written. Take only the keyword arguments you need (without defaults)."""
-    options = job.options(NAME)
-    if not isinstance(options, Options):  # a raw dict when a request passed `true`
-        options = Options.model_validate(options or {})
+    # always an `Options`, validated, defaults filled in: for `"template": {...}`, `"template": true` and no entry
+    options: Options = job.options(NAME)
     log.info("%s from job %s (%d image(s))", options.greeting, job.id, len(getattr(result, "images", [])))

@@ -20,6 +20,18 @@ def test_logs_the_greeting_with_the_job_id(caplog):
         plugin.Options.model_validate({"greting": "typo"})
 
 
+@pytest.mark.parametrize("request_plugins", [{plugin.NAME: True}, {plugin.NAME: {}}, {}],
+                         ids=["true", "empty object", "no entry"])
+def test_the_hook_gets_options_with_their_defaults_however_a_request_turns_it_on(request_plugins):
+    """The worker's own option check: `job.options(NAME)` is what it returns for the plugin."""
+    from worker.plugins import Plugins
+
+    plugins = Plugins(load_entry_points=False, builtins=())
+    plugins.register(plugin, name=plugin.NAME)
+    assert plugins.check_options(request_plugins)[plugin.NAME] == plugin.Options()
+    assert plugins.check_options({plugin.NAME: {"greeting": "hi"}})[plugin.NAME].greeting == "hi"
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is Python 3.11+")
 def test_pyproject_installs_this_module_under_its_name():
     """The renames a copy needs agree: the entry point is `NAME = "<module>"`, and the module is installed."""
