@@ -18,15 +18,11 @@ from worker.plugins import Plugins
 NO_PASTE = {"paste_back": False}
 
 
-def run_job(runner, settings, sink_dir, cancel_requested=None, **fields):
-    """One job through `job.run` with these settings, writing to `sink_dir` (the runner's helper fixes both)."""
-    from worker import job
-    from worker.inputs import LocalFetcher
+def run_job(runner, settings, sink_dir, **kwargs):
+    """One job with these settings, writing to `sink_dir` rather than a folder of the runner's."""
     from worker.outputs import DirectorySink
 
-    return job.run(runner.request(**fields), model=runner.model, plugins=runner.plugins,
-                   fetcher=LocalFetcher(settings.data_url_max_bytes), sink=DirectorySink(sink_dir),
-                   settings=settings, cancel_requested=cancel_requested)
+    return runner.run(settings=settings, sink=DirectorySink(sink_dir), **kwargs)
 
 
 # --- paste_back ------------------------------------------------------------------------------------------------
@@ -126,24 +122,15 @@ def test_a_job_past_its_deadline_says_no_result_was_written(runner, settings, tm
 
 
 def test_a_cancel_that_comes_during_decoding_still_writes_nothing(runner, settings, tmp_path):
-    from worker import job
-    from worker.inputs import LocalFetcher
-    from worker.outputs import DirectorySink
-
     stages = []  # the cancel is asked for once the last step is done, as the image decodes
     with pytest.raises(Cancelled) as caught:
-        job.run(runner.request(num_inference_steps=3, strength=1.0), model=runner.model, plugins=runner.plugins,
-                fetcher=LocalFetcher(settings.data_url_max_bytes), sink=DirectorySink(tmp_path), settings=settings,
-                reporter=lambda progress: stages.append(progress.stage), cancel_requested=lambda: "decoding" in stages)
+        run_job(runner, settings, tmp_path, reporter=lambda progress: stages.append(progress.stage),
+                cancel_requested=lambda: "decoding" in stages, num_inference_steps=3, strength=1.0)
     assert caught.value.message == "cancelled after denoising; no result was written"
     assert not list(tmp_path.iterdir())
 
 
 def test_a_job_past_its_deadline_and_margin_after_denoising_writes_nothing(runner, settings, tmp_path):
-    from worker import job
-    from worker.inputs import LocalFetcher
-    from worker.outputs import DirectorySink
-
     class SlowLastStep:  # the last step ends past the deadline and its margin: decoding and uploads have no time left
         @hookimpl
         def inpaint_step_end(self, step, total_steps):
@@ -153,9 +140,8 @@ def test_a_job_past_its_deadline_and_margin_after_denoising_writes_nothing(runne
     manager = Plugins(load_entry_points=False)
     manager.register(SlowLastStep(), "slow_last_step")
     with pytest.raises(DeadlineExceeded) as caught:
-        job.run(runner.request(num_inference_steps=2, strength=1.0, deadline_s=0.3), model=runner.model,
-                plugins=manager, fetcher=LocalFetcher(settings.data_url_max_bytes), sink=DirectorySink(tmp_path),
-                settings=settings.model_copy(update={"deadline_margin_s": 0.1}))
+        run_job(runner, settings.model_copy(update={"deadline_margin_s": 0.1}), tmp_path, manager=manager,
+                num_inference_steps=2, strength=1.0, deadline_s=0.3)
     assert "and the margin after it (INPAINT_DEADLINE_MARGIN_S) before its outputs were written" in caught.value.message
     assert not list(tmp_path.iterdir())
 

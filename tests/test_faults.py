@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support import box_mask, photo, upload
+from tests.support import job_request, outputs, runs, wait_for_step
 
 HOST = socket.gethostname()
 FAST_RECOVERY = {"INPAINT_VISIBILITY_TIMEOUT_S": "12", "INPAINT_MAX_DEADLINE_S": "8", "INPAINT_DEADLINE_MARGIN_S": "2",
@@ -36,27 +36,8 @@ def faults(tiny_model_dir, tmp_path_factory, worker_env):
 
 
 def slow_job(stack, steps: int = 16, step_s: float = 0.1) -> dict:
-    return {"prompt": "a plum", "image": upload(stack, "faults/photo.png", photo()),
-            "mask_image": upload(stack, "faults/mask.png", box_mask()), "num_inference_steps": steps,
-            "strength": 1.0, "seed": 5, "plugins": {"testkit": {"step_s": step_s}}}
-
-
-def runs(run_log, job_id: str) -> tuple[int, int]:
-    words = run_log.read_text().split() if run_log.exists() else []
-    return words.count(job_id), words.count(f"done:{job_id}")
-
-
-def outputs(stack, job_id: str) -> list[str]:
-    listing = stack.s3.client().list_objects_v2(Bucket="outputs", Prefix=f"jobs/{job_id}/")
-    return sorted(item["Key"].rsplit("/", 1)[1] for item in listing.get("Contents", []))
-
-
-def wait_step(client, job_id: str, step: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (progress := client.status(job_id).progress) is None or progress.stage != "denoising" \
-            or progress.step < step:
-        assert time.monotonic() < deadline, f"{job_id} never reached step {step}"
-        time.sleep(0.02)
+    return job_request(stack, prompt="a plum", num_inference_steps=steps, strength=1.0, seed=5,
+                       plugins={"testkit": {"step_s": step_s}})
 
 
 def holder(client, job_id: str, workers) -> object:
@@ -84,9 +65,9 @@ def test_sigkill_mid_job_redelivers_it_to_the_other_worker_once(faults, run_log,
     stack, client, _ = faults
     with two_workers(faults, f"k{kill_at_step}") as workers:
         job_id = client.submit(slow_job(stack, steps=24))
-        wait_step(client, job_id, 1)
+        wait_for_step(client, job_id, 1)
         victim = holder(client, job_id, workers)
-        wait_step(client, job_id, kill_at_step)
+        wait_for_step(client, job_id, kill_at_step)
         killed_at = time.monotonic()
         victim.stop(signal.SIGKILL)
         status = client.wait(job_id, timeout=90)
@@ -106,7 +87,7 @@ def test_a_dropped_broker_connection_does_not_run_the_job_twice(faults, run_log)
     stack, client, _ = faults
     with two_workers(faults, "drop") as workers:
         job_id = client.submit(slow_job(stack, steps=24))
-        wait_step(client, job_id, 3)
+        wait_for_step(client, job_id, 3)
         server = redis.Redis.from_url(stack.redis.url)
         dropped = server.client_kill_filter(_type="normal", skipme=True) + \
             server.client_kill_filter(_type="pubsub", skipme=True)
@@ -126,7 +107,7 @@ def test_sigterm_finishes_the_running_job_then_exits_and_requeues_nothing(faults
     first = stack.start_worker(f"term@{HOST}", **env).wait_ready(client.app)
     running = client.submit(slow_job(stack, steps=12))
     queued = client.submit(slow_job(stack, steps=2, step_s=0))
-    wait_step(client, running, 2)
+    wait_for_step(client, running, 2)
     first.process.send_signal(signal.SIGTERM)
     assert first.process.wait(timeout=60) == 0
     assert client.status(running).state == "SUCCESS"
@@ -148,7 +129,7 @@ def test_a_redis_restart_during_a_job_loses_nothing(faults, run_log):
     try:
         running = client.submit(slow_job(stack, steps=24))
         queued = [client.submit(slow_job(stack, steps=2, step_s=0)) for _ in range(3)]
-        wait_step(client, running, 3)
+        wait_for_step(client, running, 3)
         stack.redis.restart(down_s=1.0)
         statuses = [client.wait(job_id, timeout=120) for job_id in [running, *queued]]
     finally:
@@ -163,7 +144,7 @@ def test_s3_down_during_upload_is_retried_and_the_job_succeeds_when_it_returns(f
     worker = stack.start_worker(f"s3back@{HOST}", **env).wait_ready(client.app)
     try:
         job_id = client.submit(slow_job(stack, steps=10))
-        wait_step(client, job_id, 8)
+        wait_for_step(client, job_id, 8)
         stack.s3.stop()  # inputs are fetched: the next S3 call is the upload
         time.sleep(2.0)
         stack.s3.start()
@@ -181,7 +162,7 @@ def test_s3_down_past_the_retry_budget_fails_with_storage_error_and_no_result_js
                                                     "INPAINT_STORAGE_BACKOFF_S": "0.2"}).wait_ready(client.app)
     try:
         job_id = client.submit(slow_job(stack, steps=10))
-        wait_step(client, job_id, 8)
+        wait_for_step(client, job_id, 8)
         stack.s3.stop()
         status = client.wait(job_id, timeout=60)
         stack.s3.start()

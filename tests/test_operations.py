@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import box_mask, photo, upload
+from tests.support import job_request as job
 from worker.settings import Settings
 
 ROOT = Path(__file__).parent.parent
@@ -24,11 +24,6 @@ def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line and not line.startswith("#")}
-
-
-def job(stack, **fields) -> dict:
-    return {"prompt": "a kiwi", "image": upload(stack, "ops/photo.png", photo()),
-            "mask_image": upload(stack, "ops/mask.png", box_mask()), "num_inference_steps": 4, **fields}
 
 
 def test_metrics_count_jobs_by_outcome_and_time_them(stack, client, worker):

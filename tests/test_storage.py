@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import data_url, photo
-from worker import job
+from tests.support import data_url, objects, photo
 from worker.errors import InputNotFound, JobError, StorageError
-from worker.inputs import LocalFetcher
 from worker.stack import free_port
 from worker.storage import S3Sink, StorageFetcher, s3_client
 
@@ -25,33 +23,23 @@ class RefusingSink(S3Sink):
         return super().put(name, data, content_type)
 
 
-def run(runner, settings, sink, **fields):
-    return job.run(runner.request(**fields), model=runner.model, plugins=runner.plugins,
-                   fetcher=LocalFetcher(settings.data_url_max_bytes), sink=sink, settings=settings)
-
-
-def stored(stack, job_id: str) -> list[str]:
-    listing = stack.s3.client().list_objects_v2(Bucket="outputs", Prefix=f"jobs/{job_id}/")
-    return sorted(item["Key"] for item in listing.get("Contents", []))
-
-
 @pytest.mark.parametrize("refused", ["1.png", "result.json"])
 def test_a_job_that_fails_while_storing_leaves_no_outputs_behind(stack, runner, refused):
     settings = stack.settings(model=runner.settings.model)
     job_id = f"partial-{refused.split('.')[0]}"
     sink = RefusingSink(refused, settings, job_id, "outputs", "jobs", stack.s3.client())
     with pytest.raises(JobError) as caught:
-        run(runner, settings, sink, num_images_per_prompt=3, job_id=job_id)
+        runner.run(settings=settings, sink=sink, num_images_per_prompt=3, job_id=job_id)
     assert caught.value.code == "storage_error" and refused in caught.value.message
-    assert stored(stack, job_id) == []  # the images that were stored are removed: nothing lists them
+    assert objects(stack, job_id) == {}  # the images that were stored are removed: nothing lists them
 
 
 def test_a_preview_that_cannot_be_stored_stops_previews_not_the_job(stack, runner, caplog):
     settings = stack.settings(model=runner.settings.model)
     sink = RefusingSink("previews/", settings, "previewless", "outputs", "jobs", stack.s3.client())
-    result = run(runner, settings, sink, preview_every=1, job_id="previewless")
+    result = runner.run(settings=settings, sink=sink, preview_every=1, job_id="previewless")
     assert [image.location for image in result.images] == ["s3://outputs/jobs/previewless/0.png"]
-    assert stored(stack, "previewless") == ["jobs/previewless/0.png", "jobs/previewless/result.json"]
+    assert sorted(objects(stack, "previewless")) == ["jobs/previewless/0.png", "jobs/previewless/result.json"]
     assert len([r for r in caplog.records if "previews stop" in r.message]) == 1  # tried once, not every step
 
 
@@ -66,7 +54,7 @@ def test_storage_retries_stop_at_the_jobs_deadline_plus_margin(runner, monkeypat
                                                   "deadline_margin_s": 1.0})
     sink = S3Sink(settings, "late-1", "outputs", "jobs", s3_client(settings))
     with pytest.raises(StorageError) as caught:
-        run(runner, settings, sink, image=data_url(photo()), deadline_s=4)
+        runner.run(settings=settings, sink=sink, image=data_url(photo()), deadline_s=4)
     message = caught.value.message
     assert "no time left for another before the job's deadline" in message, message
     tries = int(message.split("failed after ")[1].split(" tries")[0])
