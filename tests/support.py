@@ -1,5 +1,6 @@
 """Helpers the tests share: deterministic pictures, data: URLs, an in-process job runner, S3 uploads, and what
-a queued job leaves behind (its objects, its runs in the testkit plugin's log, its progress)."""
+a queued job leaves behind (its objects and pixels in S3, its runs in the testkit plugin's log, its progress), a
+client of a Redis that is not there."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+BROKER_PASSWORD = "hunter2-Zq9"  # in dead_client's broker URL: what a client reports must never show it
 
 
 def photo(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
@@ -98,6 +101,13 @@ def outputs(stack, job_id: str) -> list[str]:
     return sorted(key.removeprefix(f"jobs/{job_id}/") for key in objects(stack, job_id))
 
 
+def stored_pixels(stack, status, index: int = 0) -> np.ndarray:
+    """The pixels of a queued job's image as stored in S3."""
+    bucket, key = status.result.images[index].location.removeprefix("s3://").split("/", 1)
+    body = stack.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
+
+
 def runs(run_log: Path, job_id: str) -> tuple[int, int]:
     """How often the testkit plugin saw a job start and finish (its log: the id a start, done:<id> an end)."""
     words = run_log.read_text().split() if run_log.exists() else []
@@ -111,3 +121,13 @@ def wait_for_step(client, job_id: str, step: int, timeout: float = 60) -> None:
             or progress.step < step:
         assert time.monotonic() < deadline, f"{job_id} never reached step {step}"
         time.sleep(0.02)
+
+
+def dead_client(port: int | None = None):
+    """A client of a Redis nobody listens on (a free loopback port), the way a backend builds one."""
+    from worker.client import InpaintClient
+    from worker.settings import Settings
+    from worker.stack import free_port
+
+    url = f"redis://:{BROKER_PASSWORD}@127.0.0.1:{port or free_port()}/0"
+    return InpaintClient.from_settings(Settings(broker_url=url))

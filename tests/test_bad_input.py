@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
-from tests.support import box_mask, photo
+from tests.support import box_mask, photo, stored_pixels
 
 PNG = io.BytesIO()
 photo().save(PNG, format="PNG")
@@ -145,23 +145,18 @@ def test_other_image_modes_are_converted_and_run(client, worker, case):
     assert status.state == "SUCCESS", status.error
 
 
-def pixels(stack, status) -> np.ndarray:
-    bucket, key = status.result.images[0].location.removeprefix("s3://").split("/", 1)
-    body = stack.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
-
-
 def test_a_mask_of_another_size_is_stretched_to_the_image(stack, client, worker):
     status = send(client, {**GOOD, "mask_image": png(box_mask(32, 32, (8, 8, 20, 20)))})
     assert status.state == "SUCCESS" and (status.result.images[0].width, status.result.images[0].height) == (64, 64)
     stretched = send(client, {**GOOD, "mask_image": png(box_mask(32, 32, (8, 8, 20, 20)).resize((64, 64)))})
-    assert np.array_equal(pixels(stack, status), pixels(stack, stretched))  # as if it had been given at 64x64
+    # as if it had been given at 64x64
+    assert np.array_equal(stored_pixels(stack, status), stored_pixels(stack, stretched))
 
 
 def test_a_full_mask_repaints_everything(stack, client, worker):
     status = send(client, {**GOOD, "mask_image": png(Image.new("L", (64, 64), 255))})
     assert status.state == "SUCCESS"
-    changed = (pixels(stack, status) != np.asarray(photo()).astype(int)).any(axis=2)
+    changed = (stored_pixels(stack, status) != np.asarray(photo()).astype(int)).any(axis=2)
     assert changed[::8, ::8].all()  # every part of the picture, corners and edges included
 
 

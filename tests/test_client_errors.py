@@ -13,20 +13,16 @@ import time
 import pytest
 import redis
 
+from tests.support import BROKER_PASSWORD as PASSWORD
+from tests.support import dead_client
 from worker.app import make_app
 from worker.client import InpaintClient, RedisUnavailable
 from worker.errors import InvalidRequest
 from worker.settings import Settings
 from worker.stack import RedisServer, free_port
 
-PASSWORD = "hunter2-Zq9"
 REQUEST = {"prompt": "x", "image": "s3://inputs/a.png", "mask_image": "s3://inputs/b.png"}
 BOUND_S = 15  # a behaviour bound (the fix takes well under a second), not a benchmark: a worker's app took 95 s
-
-
-def dead_client(port: int | None = None) -> InpaintClient:
-    """A client of a Redis nobody listens on (a free loopback port), the way a backend builds one."""
-    return InpaintClient.from_settings(Settings(broker_url=f"redis://:{PASSWORD}@127.0.0.1:{port or free_port()}/0"))
 
 
 def timed(call) -> tuple[BaseException | None, float]:

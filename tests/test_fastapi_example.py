@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from examples.fastapi_backend.app import create_app
+from tests.support import BROKER_PASSWORD, dead_client
 from tests.support import job_request as request
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the rootdir on sys.path
-    sys.path.insert(0, str(ROOT))
-
-from examples.fastapi_backend.app import create_app  # noqa: E402
 
 SLOW = {"testkit": {"step_s": 0.15}}
 
@@ -165,14 +163,6 @@ def test_importing_the_app_imports_no_torch_and_connects_to_nothing():
     assert result.returncode == 0, result.stderr
 
 
-def dead_client():
-    from worker.client import InpaintClient
-    from worker.settings import Settings
-    from worker.stack import free_port
-
-    return InpaintClient.from_settings(Settings(broker_url=f"redis://:pw-Zq9@127.0.0.1:{free_port()}/0"))
-
-
 def test_redis_down_is_a_503_within_seconds_not_a_hang():
     with TestClient(create_app(dead_client())) as down:
         for method, path in (("GET", "/jobs/order-1"), ("DELETE", "/jobs/order-1"), ("POST", "/jobs"),
@@ -184,7 +174,7 @@ def test_redis_down_is_a_503_within_seconds_not_a_hang():
             assert response.status_code == 503, (method, path, response.text)
             error = response.json()["error"]
             assert error["code"] == "unavailable" and "cannot reach Redis" in error["message"]
-            assert "pw-Zq9" not in response.text
+            assert BROKER_PASSWORD not in response.text
 
 
 def test_an_idempotency_key_with_a_trailing_newline_is_refused():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -16,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.support import box_mask, photo, upload
+from tests.support import box_mask, photo, stored_pixels, upload
 
 ROOT = Path(__file__).parent.parent
 SECRET = "webhook-test-secret-5b1e"
@@ -90,11 +88,6 @@ def test_a_queued_job_carries_the_watermark_and_triggers_the_signed_webhook_unle
     with_plugins = {**request, "plugins": {"watermark": {"text": "SAMPLE", "opacity": 1.0, "margin": 4},
                                            "webhook": {"url": hook_url}}}
 
-    def pixels(status) -> np.ndarray:
-        bucket, key = status.result.images[0].location.removeprefix("s3://").split("/", 1)
-        data = stack.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
-
     env = plugin_env(installed, worker_env)
     worker = stack.start_worker(f"plugged@{socket.gethostname()}", INPAINT_QUEUE="plugged", **env)
     try:
@@ -104,7 +97,7 @@ def test_a_queued_job_carries_the_watermark_and_triggers_the_signed_webhook_unle
     finally:
         worker.stop()
     assert marked.state == "SUCCESS" and plain.state == "SUCCESS", (marked.error, plain.error)
-    changed = np.argwhere((pixels(marked) != pixels(plain)).any(axis=-1))
+    changed = np.argwhere((stored_pixels(stack, marked) != stored_pixels(stack, plain)).any(axis=-1))
     assert len(changed), "no watermark"
     assert changed.min(axis=0).tolist() >= [64, 64]  # only in the bottom-right corner
     deadline = time.monotonic() + 20
@@ -130,7 +123,7 @@ def test_a_queued_job_carries_the_watermark_and_triggers_the_signed_webhook_unle
     finally:
         blocked.stop()
     assert unmarked.state == "SUCCESS", unmarked.error
-    assert np.array_equal(pixels(unmarked), pixels(plain))
+    assert np.array_equal(stored_pixels(stack, unmarked), stored_pixels(stack, plain))
     assert "watermark" not in unmarked.result.parameters.plugins
     time.sleep(2)  # a webhook would have come by now: the first one came within a second
     assert not any(json.loads(r["body"])["job_id"] == unmarked.job_id for r in received)
