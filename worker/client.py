@@ -1,7 +1,8 @@
 """`InpaintClient`: submit, follow, wait for and cancel jobs from a web backend (no torch needed).
 
     client = InpaintClient.from_env()            # INPAINT_BROKER_URL, INPAINT_RESULT_BACKEND
-    job_id = client.submit({"prompt": "...", "image": "s3://in/cat.png", "mask_image": "s3://in/mask.png"})
+    image = client.upload("cat.png")             # s3://<first of INPAINT_INPUT_BUCKETS>/uploads/<sha256>.png
+    job_id = client.submit({"prompt": "...", "image": image, "mask_image": data_url("mask.png")})
     client.status(job_id).progress               # stage, step, total_steps, percent, eta_s
     client.wait(job_id, timeout=600).result      # InpaintResult with presigned URLs
 
@@ -12,14 +13,19 @@ when the job is still going after `timeout` seconds.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import math
+import mimetypes
+import os
 import re
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 from celery import Celery
@@ -52,6 +58,8 @@ return 0
 """
 CLAIMED, SENDING = 1, 2  # and 0: sent
 SEND_TRIES = 3
+UPLOAD_PREFIX = "uploads"
+Source = str | os.PathLike | bytes  # a local file's path, or its bytes
 
 
 class RedisUnavailable(ConnectionError):
@@ -84,10 +92,12 @@ class InpaintClient:
     worker's app retries a lost Redis for minutes before a call returns.
     """
 
-    def __init__(self, app: Celery, result_expires_s: int = 86400, claim_hold_s: float = CLAIM_HOLD_S):
+    def __init__(self, app: Celery, result_expires_s: int = 86400, claim_hold_s: float = CLAIM_HOLD_S,
+                 settings: Settings | None = None):
         self.app = app
         self.result_expires_s = result_expires_s
         self.claim_hold_s = claim_hold_s
+        self.settings = settings  # for `upload`: S3 endpoint and input buckets
 
     @classmethod
     def from_env(cls) -> InpaintClient:
@@ -95,7 +105,32 @@ class InpaintClient:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InpaintClient:
-        return cls(make_app(settings, client=True), settings.result_expires_s)
+        return cls(make_app(settings, client=True), settings.result_expires_s, settings=settings)
+
+    def upload(self, source: Source, key: str | None = None) -> str:
+        """Put a local image (or tensor) into S3 and return the `s3://` reference for a request's field.
+
+        `source` is a path or the file's bytes. The object goes into the first of `INPAINT_INPUT_BUCKETS`
+        (the buckets workers read inputs from), at `uploads/<sha256 of the bytes>.<ext>` unless `key` is
+        given: the same bytes twice are one object. S3 endpoint and credentials are the workers'
+        (`INPAINT_S3_ENDPOINT_URL`, `AWS_*`). Raises `FileNotFoundError` for a missing file, `ValueError`
+        when no input bucket is configured or the data is empty or over `INPAINT_INPUT_MAX_BYTES`, and
+        `worker.errors.StorageError` when S3 refuses or cannot be reached.
+        """
+        if self.settings is None:
+            raise ValueError("upload needs the S3 settings: build the client with InpaintClient.from_env() or "
+                             "from_settings(settings), or pass settings=")
+        if not self.settings.input_buckets:
+            raise ValueError("no input bucket to upload to: set INPAINT_INPUT_BUCKETS (the buckets workers read "
+                             "s3:// inputs from), e.g. INPAINT_INPUT_BUCKETS=uploads")
+        data, name = read_source(source)
+        if len(data) > self.settings.input_max_bytes:
+            raise ValueError(f"{name or 'the data'} is {len(data)} bytes, over INPAINT_INPUT_MAX_BYTES "
+                             f"({self.settings.input_max_bytes}): workers would refuse it")
+        bucket, content_type = self.settings.input_buckets[0], content_type_of(data, name)
+        key = key or f"{UPLOAD_PREFIX}/{hashlib.sha256(data).hexdigest()}{extension_of(name, content_type)}"
+        put_object(self.settings, bucket, key, data, content_type)
+        return f"s3://{bucket}/{key}"
 
     @property
     def redis(self) -> Any:
@@ -289,6 +324,80 @@ def _password(url: str) -> str | None:
     except ValueError:
         return None
     return unquote(password) if password else None
+
+
+def data_url(source: Source, content_type: str | None = None) -> str:
+    """A local image (or tensor) inline, as a `data:` URL for a request's field: no S3 needed.
+
+    `source` is a path or the file's bytes; the type is guessed from the name, or the image's own header
+    (`content_type` overrides it). Workers take data: URLs of up to `INPAINT_DATA_URL_MAX_BYTES` (20 MB)
+    decoded, and the whole request travels through Redis: for large or repeated inputs, `upload`.
+    """
+    data, name = read_source(source)
+    kind = content_type or content_type_of(data, name)
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def read_source(source: Source) -> tuple[bytes, str | None]:
+    """The bytes of a path or of bytes given as they are, and the file's name (None for bytes)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data, name = bytes(source), None
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if not path.is_file():
+            problem = "is a directory, not a file" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"{path}: {problem}")
+        data, name = path.read_bytes(), path.name
+    else:
+        raise TypeError(f"expected a path or bytes, not {type(source).__name__}")
+    if not data:
+        raise ValueError(f"{name or 'the data'} is empty")
+    return data, name
+
+
+def content_type_of(data: bytes, name: str | None) -> str:
+    """The MIME type from the file name, else from the image's header; octet-stream for anything else."""
+    guessed = mimetypes.guess_type(name)[0] if name else None
+    if guessed:
+        return guessed
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError):
+        return "application/octet-stream"
+
+
+def extension_of(name: str | None, content_type: str) -> str:
+    suffix = Path(name).suffix.lower() if name else ""
+    return suffix if re.fullmatch(r"\.[a-z0-9]{1,12}", suffix) else (mimetypes.guess_extension(content_type) or "")
+
+
+def put_object(settings: Settings, bucket: str, key: str, data: bytes, content_type: str) -> None:
+    """One object into S3, with the workers' client and retries; S3's refusals as `StorageError`."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    from .errors import StorageError
+    from .storage import s3_client, s3_trouble, with_retries
+
+    where = f"s3://{bucket}/{key}" + (f" at {settings.s3_endpoint_url}" if settings.s3_endpoint_url else "")
+    try:
+        with_retries(settings, f"upload to {where}",
+                     lambda: s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data,
+                                                            ContentType=content_type),
+                     trouble=lambda error: None if isinstance(error, NoCredentialsError) else s3_trouble(error))
+    except NoCredentialsError:  # no try would find them
+        raise StorageError(f"upload to {where}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                           "(or another of boto3's credential sources)") from None
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "?")
+        raise StorageError(f"upload to {where} refused: {code}: {error.response.get('Error', {}).get('Message', '')}"
+                           ) from None
+    except BotoCoreError as error:  # a bad endpoint
+        raise StorageError(f"upload to {where} failed: {error}") from None
 
 
 def kwargs_summary(payload: dict) -> str:
