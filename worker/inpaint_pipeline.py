@@ -17,19 +17,36 @@ Lossy, opt-in: the first-block step cache (`speed_up(step_cache=...)`) and float
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from diffusers import QwenImageInpaintPipeline
 
 log = logging.getLogger(__name__)
+MASK_GRIDS = ("max_pool", "upstream")
+
+
+def upstream_signature(upstream: Callable) -> Callable[[Callable], Callable]:
+    """Give an override declared `(*args, **kwargs)` the signature of the upstream method it passes them to, and
+    upstream's documentation after its own: `help()`, `inspect.signature` (diffusers' own tests, wrappers that keep
+    the keyword arguments a callable takes) see upstream's parameters, for the diffusers version installed."""
+    def keep(method: Callable) -> Callable:
+        method.__signature__ = inspect.signature(upstream)
+        method.__doc__ = f"{inspect.cleandoc(method.__doc__ or '')}\n\nUpstream's documentation:\n\n" \
+                         f"{inspect.cleandoc(upstream.__doc__ or '')}"
+        return method
+    return keep
 
 
 class InpaintPipeline(QwenImageInpaintPipeline):
     """`QwenImageInpaintPipeline` with `latents` working as documented, every latent cell the mask touches
-    repainted, a prompt cache, batched CFG, and without upstream's unused VAE encode of the masked image.
+    repainted (unless `mask_grid` is "upstream"), a prompt cache, batched CFG, and without upstream's unused VAE
+    encode of the masked image. `__call__` and `encode_prompt` show upstream's signatures.
 
     Upstream returns the given latents alone from `prepare_latents`, where the caller
     unpacks three values, so any `latents` argument crashes. Here given latents are the
@@ -39,10 +56,13 @@ class InpaintPipeline(QwenImageInpaintPipeline):
 
     prompt_cache_size = 0
     batch_cfg = False
+    mask_grid = "max_pool"  # or "upstream": see prepare_mask_latents
     _batcher: CfgBatcher | None = None
 
+    @upstream_signature(QwenImageInpaintPipeline.__call__)
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Upstream's call, with the changes the class describes."""
         try:
             return self._call(*args, **kwargs)
         except BaseException:
@@ -67,7 +87,23 @@ class InpaintPipeline(QwenImageInpaintPipeline):
             else:
                 transformer.forward = own_forward
 
+    @contextmanager
+    def mask_grid_as(self, mask_grid: str) -> Iterator[None]:
+        """Calls inside the block bring the mask onto the latent grid as `mask_grid` says (see prepare_mask_latents)."""
+        if mask_grid not in MASK_GRIDS:
+            raise ValueError(f"mask_grid {mask_grid!r}: expected one of {', '.join(MASK_GRIDS)}")
+        before, self.mask_grid = self.__dict__.get("mask_grid"), mask_grid
+        try:
+            yield
+        finally:
+            if before is None:
+                del self.mask_grid  # the class's default again
+            else:
+                self.mask_grid = before
+
+    @upstream_signature(QwenImageInpaintPipeline.encode_prompt)
     def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Upstream's, noting the embeddings for batched CFG."""
         embeds, mask = super().encode_prompt(*args, **kwargs)
         if self._batcher is not None:
             self._batcher.texts.append((embeds, mask))  # the prompt's, then the negative prompt's
@@ -90,16 +126,18 @@ class InpaintPipeline(QwenImageInpaintPipeline):
                              height, width, dtype, device, generator):
         """Upstream's mask latents, with two changes.
 
-        Every latent cell the mask touches is repainted (max-pooling): upstream samples one pixel a cell
-        (nearest), so a stroke a few pixels wide between the samples was left as it was, the job reporting
-        success. A mask on the cell grid gives upstream's mask exactly.
+        With `mask_grid` "max_pool" (the default), every latent cell the mask touches is repainted: upstream
+        samples one pixel a cell (nearest), so a stroke a few pixels wide between the samples was left as it
+        was, the job reporting success. A mask on the cell grid gives upstream's mask exactly. With "upstream"
+        the mask is sampled as upstream samples it, for results identical to a direct call.
 
         The masked image is not encoded: upstream encodes it with the VAE and never reads the result
         (Qwen-Image's transformer takes no masked image), which costs one VAE encode a call. A zero latent
         of the right shape takes its place (so `masked_image_latents` changes nothing, as upstream).
         """
         h, w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (self.vae_scale_factor * 2))
-        mask = torch.nn.functional.adaptive_max_pool2d(mask, (h, w))  # upstream's resize is then the identity
+        if self.mask_grid == "max_pool":
+            mask = torch.nn.functional.adaptive_max_pool2d(mask, (h, w))  # upstream's resize is then the identity
         unused = torch.zeros((1, self.latent_channels, 1, h, w), device=device, dtype=dtype)
         return super().prepare_mask_latents(mask, unused, batch_size, num_channels_latents, num_images_per_prompt,
                                             height, width, dtype, device, generator)

@@ -334,9 +334,10 @@ def generate(job: Job, model: LoadedModel, hooks: JobHooks) -> list[Any]:
         for index, (prompt_index, seed) in enumerate(job.items):
             job.image_index = index
             job.tracker.enter("encoding")
-            result = model.pipe(**pipeline_kwargs(job, prompt_index, seed),
-                                callback_on_step_end=step_callback(job, hooks),
-                                callback_on_step_end_tensor_inputs=["latents"])
+            with model.pipe.mask_grid_as(job.request.mask_grid):
+                result = model.pipe(**pipeline_kwargs(job, prompt_index, seed),
+                                    callback_on_step_end=step_callback(job, hooks),
+                                    callback_on_step_end_tensor_inputs=["latents"])
             images = result.images  # PIL images, or a tensor of packed latents for output_type latent
             outputs.extend(images.split(1) if isinstance(images, torch.Tensor) else images)
         return outputs
@@ -441,8 +442,8 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
             num_inference_steps=job.params["num_inference_steps"], strength=job.params["strength"],
             steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=request.true_cfg_scale,
             guidance_scale=job.params["guidance_scale"] if model.guidance_distilled else None,
-            padding_mask_crop=job.params["padding_mask_crop"], images=len(outputs), seeds=[s for _, s in job.items],
-            output_type=request.output_type, plugins=job.plugins),
+            padding_mask_crop=job.params["padding_mask_crop"], mask_grid=request.mask_grid, images=len(outputs),
+            seeds=[s for _, s in job.items], output_type=request.output_type, plugins=job.plugins),
         timings=job.tracker.finish(),
         model=model.describe(),
         worker={**job.worker, "device": device_name(model), "versions": dict(versions())},

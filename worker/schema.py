@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from .errors import InvalidRequest
 
 OutputType = Literal["png", "jpeg", "webp", "latent"]
+MaskGrid = Literal["max_pool", "upstream"]
 Stage = Literal["fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
                 "uploading"]
 ATTENTION_KWARGS_ALLOWED = {"scale"}
@@ -84,6 +85,12 @@ class InpaintRequest(BaseModel):
     output_type: OutputType = "png"
     attention_kwargs: dict[str, Any] | None = None
     max_sequence_length: int = Field(512, ge=1, le=1024)
+    mask_grid: MaskGrid = Field(
+        "max_pool", description="How the mask reaches the model's latent grid (8x8-pixel cells; 4x4 for the tiny "
+        "model): \"max_pool\" repaints every cell the mask touches; \"upstream\" samples one pixel a cell as "
+        "QwenImageInpaintPipeline does (a stroke between the samples is left as it was), for results identical to a "
+        "direct call"
+    )
 
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
     output: OutputOptions = Field(default_factory=OutputOptions)
@@ -416,6 +423,7 @@ class EffectiveParameters(BaseModel):
     true_cfg_scale: float
     guidance_scale: float | None = None
     padding_mask_crop: int | None
+    mask_grid: MaskGrid = "max_pool"
     images: int
     seeds: list[int]
     output_type: OutputType
