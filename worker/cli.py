@@ -92,7 +92,9 @@ def settings_error(error: Any) -> str:
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
-    request: dict[str, Any] = read_request_file(args.request) if args.request else {}
+    request: dict[str, Any] = {}
+    if args.request:
+        request = paths_from_folder(read_request_file(args.request), Path(args.request).parent)
     for flag, name in (("image", "image"), ("mask", "mask_image"), ("prompt", "prompt")):
         if getattr(args, flag) is not None:
             request[name] = getattr(args, flag)
@@ -104,6 +106,19 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
             request[name] = json.loads(raw)
         except json.JSONDecodeError:
             request[name] = raw
+    return request
+
+
+def paths_from_folder(request: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A request file's relative local paths (images, tensors) resolved against the file's folder, not the current
+    directory: a job.json beside its pictures runs from anywhere. URLs, absolute and ~ paths are left as they are."""
+    from .schema import REFERENCE_FIELDS
+
+    for name in REFERENCE_FIELDS:
+        ref = request.get(name)
+        if isinstance(ref, str) and ref and not URL.match(ref) and not ref.startswith("~") \
+                and not Path(ref).is_absolute():
+            request[name] = str(folder / ref)
     return request
 
 
