@@ -16,6 +16,7 @@ from tests.support import box_mask, photo
 from worker.client import InpaintClient, data_url
 from worker.errors import StorageError
 from worker.inputs import read_data_url
+from worker.schema import WorkerInfo
 from worker.stack import TEST_CREDENTIALS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,11 @@ def test_a_local_file_uploaded_and_inlined_runs_as_a_job(stack, uploader, worker
     status = uploader.wait(job_id, timeout=120)
     assert status.state == "SUCCESS", status.error
     assert status.result.images[0].width == 64
+    # who ran it, as a model like the images: what the worker writes
+    ran = status.result.worker
+    assert isinstance(ran, WorkerInfo) and ran.node == worker.node and ran.device == "cpu"
+    assert set(ran.versions) == {"worker", "diffusers", "torch"} and ran.queue_wait_s >= 0
+    assert ran["node"] == worker.node  # as when it was a dict
 
 
 @pytest.mark.slow
@@ -138,3 +144,16 @@ def test_the_helpers_import_no_torch(stack):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **stack.env()},  # AWS_* too
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_worker_info_parses_older_and_newer_workers_and_dumps_what_was_written():
+    older = WorkerInfo.model_validate({"node": "gpu0@a"})  # no device, versions or queue wait
+    assert (older.node, older.device, older.queue_wait_s, older.versions) == ("gpu0@a", None, None, {})
+    assert older.model_dump(mode="json") == {"node": "gpu0@a"}  # result.json and the task state keep their keys
+    assert older.get("queue_wait_s", 0.0) == 0.0 and older.get("node") == "gpu0@a"
+    with pytest.raises(KeyError):
+        older["queue_wait_s"]
+    newer = WorkerInfo.model_validate({"node": "gpu1@b", "device": "cuda", "pool": "threads"})
+    assert newer.model_extra == {"pool": "threads"} and newer["pool"] == "threads"
+    assert WorkerInfo.model_validate(newer.model_dump(mode="json")) == newer
+    assert WorkerInfo().model_dump() == {}  # results of workers that wrote no worker field

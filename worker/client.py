@@ -71,14 +71,32 @@ class RedisUnavailable(ConnectionError):
 
 
 class JobStatus(BaseModel):
+    """A job as `status` and `wait` see it; which of `progress`, `result` and `error` is set follows `state`.
+
+    - `job_id`: the job's id (its task id, and the `{prefix}/{job_id}/` of its outputs).
+    - `state`: `PENDING` (queued, or an id never submitted: see `submitted`), `STARTED`, `PROGRESS`
+      (running), `SUCCESS`, `FAILURE`, or `REVOKED` (revoked before it started). `done` is True for
+      the last three.
+    - `submitted`: False when no `InpaintClient.submit` of this id happened in the last
+      `result_expires_s`, so a `PENDING` id is unknown (or was sent with plain `send_task` and waits in
+      the queue); always True once the job has a state of its own.
+    - `progress` (`PROGRESS` only): `Progress`: `stage`, `step` of `total_steps` (the steps that really run),
+      `image` of `images`, `percent`, `elapsed_s`, `eta_s`, and `preview` when previews are on.
+    - `result` (`SUCCESS` only): `InpaintResult`: `images` (`ImageOutput`: `index`, `location` (s3://), a
+      presigned `url`, `content_type`, `width`, `height`, `seed`, `prompt_index`), `parameters`
+      (`EffectiveParameters`: what really ran), `timings` (seconds by stage), `model` (a dict describing
+      the loaded model: `name`, `device`, `dtype`, `load_s`, the speed options, ...) and `worker`
+      (`WorkerInfo`: `node`, `device`, `versions`, `queue_wait_s`).
+    - `error` (`FAILURE` and `REVOKED`): a dict with `code` (`invalid_request`, `input_not_found`, ...),
+      `message`, and `field` or `plugin` when known.
+    """
+
     job_id: str
-    state: str  # PENDING (queued, or an id never submitted), STARTED, PROGRESS, SUCCESS, FAILURE
-    # False: no InpaintClient.submit of this id in the last result_expires_s, so a PENDING id is unknown (or was
-    # sent with plain send_task and waits in the queue); always True once the job has a state of its own
+    state: str
     submitted: bool = True
     progress: Progress | None = None
     result: InpaintResult | None = None
-    error: dict[str, Any] | None = None  # code, message, and field or plugin when known
+    error: dict[str, Any] | None = None
 
     @property
     def done(self) -> bool:

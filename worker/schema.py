@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import InvalidRequest
 
@@ -430,10 +439,37 @@ class EffectiveParameters(BaseModel):
     plugins: list[str]
 
 
+class WorkerInfo(BaseModel):
+    """Who ran a job: `node` (the Celery worker, e.g. `gpu0@host`), `device` (`cuda (CUDA_VISIBLE_DEVICES=1)`,
+    `cpu`), `versions` (`worker`, `diffusers`, `torch`) and `queue_wait_s` (submit to start, for jobs sent by
+    `InpaintClient` or with the `inpaint_submitted_at` header). Fields of other worker versions are kept as
+    extras; a field the worker did not write is None, and left out of the JSON. Reads as the dict it once was
+    too: `worker["node"]`, `worker.get("queue_wait_s", 0.0)`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    node: str | None = None
+    device: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    queue_wait_s: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set or k in (self.model_extra or {})}
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.model_fields_set or name in (self.model_extra or {}):
+            return getattr(self, name)
+        raise KeyError(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self.model_fields_set or name in (self.model_extra or {}) else default
+
+
 class InpaintResult(BaseModel):
     job_id: str
     images: list[ImageOutput]
     parameters: EffectiveParameters
     timings: dict[str, float]
     model: dict[str, Any]
-    worker: dict[str, Any] = Field(default_factory=dict)
+    worker: WorkerInfo = Field(default_factory=WorkerInfo)
