@@ -276,7 +276,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from .app import make_app
     from .client import InpaintClient
-    from .stack import LocalStack
+    from .stack import LocalStack, free_port
 
     args.image, args.mask = args.image or str(SAMPLES / "sample.png"), args.mask or str(SAMPLES / "sample-mask.png")
     if args.demo:  # before anything starts: the defaults exist only in a source checkout
@@ -296,19 +296,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         node = f"local@{socket.gethostname()}"
         print(f"redis {stack.redis.url}, S3 {stack.s3.endpoint} (buckets inputs, outputs); starting worker {node} "
               f"(log: {stack.directory / 'local.log'})...", file=sys.stderr)
-        stack.start_worker(node).wait_ready(client.app)
+        metrics_port = None if args.demo else free_port()
+        stack.start_worker(node, **({"INPAINT_METRICS_PORT": str(metrics_port)} if metrics_port else {})) \
+            .wait_ready(client.app)
         if args.demo:
             return demo(args, stack, client)
-        exports = " ".join(f"{k}={v}" for k, v in stack.env().items())
         image, mask = (path if Path(path).is_file() else placeholder
                        for path, placeholder in ((args.image, "photo.png"), (args.mask, "mask.png")))
-        if stack.flower:
-            print(f"\nFlower: {stack.flower.url} (user {stack.flower.user}, password {stack.flower.password}; "
-                  f"generated for this run; log: {stack.directory / 'flower' / 'flower.log'})", file=sys.stderr)
-        print(f"\nThe stack is up. In another shell:\n  export {exports}\n"
-              f"  inpaint-worker submit --image {image} --mask {mask} --prompt '{args.prompt}'\n"
-              f"Results land in s3://outputs/jobs/<job id>/ at {stack.s3.endpoint}. Ctrl-C stops everything.",
-              file=sys.stderr)
+        print("\n" + stack.how_to_use(image, mask, args.prompt, metrics_port), file=sys.stderr)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

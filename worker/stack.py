@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -215,6 +216,14 @@ class FlowerProcess:
         stop_process(self.process)
 
 
+def executable(name: str) -> str:
+    """How to run console script `name` from any shell: its absolute path beside the running Python (a venv's
+    bin/, which need not be on PATH), else on PATH; else the module through this Python."""
+    here = Path(sys.executable).absolute().parent  # not resolved: a venv's python is a link out of the venv
+    found = shutil.which(name, path=str(here)) or shutil.which(name)
+    return shlex.quote(str(Path(found).absolute())) if found else f"{shlex.quote(sys.executable)} -m worker.cli"
+
+
 class LocalStack:
     """Redis, S3 with an input and an output bucket, and the environment a worker and a client need."""
 
@@ -262,6 +271,24 @@ class LocalStack:
         worker = WorkerProcess(node, self.env(**env), self.directory / f"{node.split('@')[0]}.log")
         self.workers.append(worker.start())
         return worker
+
+    def how_to_use(self, image: str, mask: str, prompt: str, metrics_port: int | None = None) -> str:
+        """What `inpaint-worker up` prints once the stack is up: URLs, and commands ready to paste into any shell
+        (absolute paths, quoted values; no virtual environment need be active)."""
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env().items())
+        lines = []
+        if self.flower:
+            lines.append(f"Flower:  {self.flower.url} (user {self.flower.user}, password {self.flower.password}; "
+                         f"generated for this run; log: {self.flower.directory / 'flower.log'})")
+        if metrics_port:
+            lines.append(f"metrics: http://127.0.0.1:{metrics_port}/metrics (the worker's, for Prometheus)")
+        image, mask = (shlex.quote(str(Path(path).absolute()) if Path(path).is_file() else path)
+                       for path in (image, mask))
+        return "\n".join([*lines, "", "The stack is up. In another shell:", f"  export {exports}",
+                          f"  {executable('inpaint-worker')} submit --image {image} --mask {mask} "
+                          f"--prompt {shlex.quote(prompt)}",
+                          f"Results land in s3://outputs/jobs/<job id>/ at {self.s3.endpoint}. "
+                          "Ctrl-C stops everything."])
 
     def stop(self) -> None:
         if self.flower:
