@@ -86,7 +86,7 @@ def worker(stack, client, worker_env):
     port = free_port()
     process = stack.start_worker(f"w1@{socket.gethostname()}", INPAINT_LOG_FORMAT="json",
                                  INPAINT_METRICS_PORT=str(port), INPAINT_DATA_URL_MAX_BYTES="1000000",
-                                 INPAINT_HTTP_ALLOW="localhost", **worker_env).wait_ready(client.app)
+                                 INPAINT_HTTP_ALLOW="localhost,64:ff9b::a00:5", **worker_env).wait_ready(client.app)
     process.metrics_port = port
     yield process
     process.stop()

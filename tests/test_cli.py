@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -72,6 +73,28 @@ def test_run_refuses_a_request_file_that_is_not_a_json_object(tiny_model_dir, tm
     assert done.returncode == 2 and "Traceback" not in done.stderr
     error = json.loads(done.stdout)["error"]
     assert error["field"] == "--request" and "JSON list" in error["message"]
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('{"prompt": "a red barn", "prompt": "a blue barn"}', "'prompt' twice"),  # json alone takes the last silently
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep"),  # was a traceback from the reader
+])
+def test_run_refuses_a_request_file_with_a_key_twice_or_nested_past_reading(tiny_model_dir, tmp_path, text, words):
+    (tmp_path / "job.json").write_text(text)
+    done = cli("run", "--request", str(tmp_path / "job.json"), "--out", str(tmp_path / "out"),
+               "--model", str(tiny_model_dir))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["field"] == "--request" and words in error["message"], error
+
+
+def test_run_refuses_a_device_as_an_image_without_reading_it(tiny_model_dir, tmp_path):
+    box_mask().save(tmp_path / "mask.png")
+    done = cli("run", "--image", "/dev/zero", "--mask", str(tmp_path / "mask.png"), "--prompt", "x",
+               "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir))  # was read until MemoryError
+    assert done.returncode == 2, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["field"] == "image" and "not a regular file" in error["message"]
 
 
 def test_plugins_lists_the_builtins_and_their_hooks():

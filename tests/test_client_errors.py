@@ -171,3 +171,13 @@ def test_a_request_that_is_not_plain_json_is_refused_before_anything_is_sent(val
     with pytest.raises(InvalidRequest) as caught:  # kombu raised EncodeError after the job id was claimed
         dead_client().submit({**REQUEST, "plugins": {"watermark": {"text": value}}})
     assert caught.value.field == "request" and "must be plain JSON" in caught.value.message
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"prompt": json.loads("[" * 500 + "]" * 500)}, "prompt"),  # 1 KB of valid JSON: RecursionError in redaction
+    ({"prompt": "a cat \ud83d"}, "prompt"),  # JavaScript cut the string inside an emoji
+])
+def test_a_hostile_request_is_refused_by_submit_naming_the_field_before_anything_is_sent(fields, field):
+    with pytest.raises(InvalidRequest) as caught:
+        dead_client().submit({**REQUEST, **fields})
+    assert caught.value.field == field

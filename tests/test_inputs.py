@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import random
 import struct
 import zlib
@@ -213,6 +214,61 @@ def test_local_fetcher_directory(fetcher, tmp_path):
     with pytest.raises(InvalidRequest) as caught:
         fetcher.fetch(str(tmp_path), "image")
     assert_invalid(caught, "image", "is a directory")
+
+
+def hostile_path(kind: str, tmp_path) -> str:
+    """A local reference as a careless or hostile request file gives it."""
+    if kind == "symlink-loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        return str(tmp_path / "a")
+    if kind == "under-a-file":
+        (tmp_path / "photo.png").write_bytes(b"x")
+        return str(tmp_path / "photo.png" / "mask.png")
+    if kind == "fifo":  # reading it would wait for a writer for ever
+        os.mkfifo(tmp_path / "pipe")
+        return str(tmp_path / "pipe")
+    if kind == "over-the-cap":
+        (tmp_path / "big.png").write_bytes(bytes(2001))
+        return str(tmp_path / "big.png")
+    return {"nul-byte": f"{tmp_path}/a\0b.png", "name-over-the-os-limit": f"{tmp_path}/{'n' * 300}.png",
+            "dev-zero": "/dev/zero"}[kind]
+
+
+@pytest.mark.parametrize(("kind", "error_type", "words"), [
+    ("nul-byte", InvalidRequest, "NUL character"),
+    ("name-over-the-os-limit", InvalidRequest, "longer than the system allows"),
+    ("under-a-file", InputNotFound, "a part of the path is a file"),
+    ("symlink-loop", InvalidRequest, "symbolic links form a loop"),
+    ("dev-zero", InvalidRequest, "not a regular file"),  # was read until MemoryError (3.4 GB)
+    ("fifo", InvalidRequest, "not a regular file"),
+    ("over-the-cap", InvalidRequest, "over the 2000-byte cap"),
+])
+def test_a_local_path_that_cannot_be_an_image_file_gets_its_code_and_a_short_message(tmp_path, kind, error_type,
+                                                                                     words):
+    with pytest.raises(error_type) as caught:
+        LocalFetcher(data_url_max_bytes=1000, input_max_bytes=2000).fetch(hostile_path(kind, tmp_path), "image")
+    assert caught.value.field == "image" and words in caught.value.message, caught.value.message
+    assert len(caught.value.message) < 400  # a long path is cut, not repeated
+
+
+def test_an_upper_case_data_url_is_a_data_url_with_its_cap():
+    png = encode("PNG")
+    shouted = "DATA:image/png;BASE64," + base64.b64encode(png).decode()
+    assert LocalFetcher(data_url_max_bytes=len(png)).fetch(shouted, "image") == png
+    with pytest.raises(InvalidRequest) as caught:
+        LocalFetcher(data_url_max_bytes=10).fetch(shouted, "image")
+    assert_invalid(caught, "image", "over the 10-byte cap")
+    assert len(caught.value.message) < 100  # not read as a path, repeating the whole URL
+
+
+def test_an_image_whose_exif_is_corrupt_is_the_requests_fault_naming_the_field():
+    png = encode("PNG")
+    chunk = b"eXIf" + b"garbage!!"
+    corrupt = png[:33] + struct.pack(">I", 9) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[33:]
+    with pytest.raises(InvalidRequest) as caught:
+        decode_image(corrupt, "mask_image")
+    assert_invalid(caught, "mask_image", "EXIF metadata is corrupt")
 
 
 @pytest.mark.parametrize(

@@ -338,6 +338,16 @@ def test_the_pixel_budget_scales_the_default_size_and_refuses_a_bigger_one(runne
     assert "budget" in caught.value.message
 
 
+def test_an_extreme_aspect_ratio_with_no_size_given_runs_within_the_pixel_budget(runner, settings, model, plugins,
+                                                                                   tmp_path):
+    small = settings.model_copy(update={"max_pixels": 64 * 1024})
+    strip = runner.request(image=data_url(Image.new("RGB", (1, 400_000), (90, 20, 20))),
+                           mask_image=data_url(Image.new("L", (1, 400_000), 255)), num_inference_steps=2)
+    result = job.run(strip, model=model, plugins=plugins, fetcher=LocalFetcher(10**7), sink=DirectorySink(tmp_path),
+                     settings=small)  # the default size was 8 x 400000, and the error named height, never given
+    assert (result.parameters.width, result.parameters.height) == (8, 8192)  # one factor wide, the budget's height
+
+
 def half_transparent(image: Image.Image) -> Image.Image:
     """The left half fully transparent (its colours stay in the file), the right half opaque."""
     rgba = image.convert("RGBA")

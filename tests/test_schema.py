@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -194,6 +195,24 @@ INVALID = [
     ),
     pytest.param(request(image=None), "image", ["required"], id="image-missing"),
     pytest.param([BASE], "request", ["JSON object", "list"], id="request-is-a-list"),
+    pytest.param(request(prompt="a cat \ud83d"), "prompt", ["character 7", "surrogate", "whole characters"],
+                 id="prompt-cut-inside-an-emoji"),
+    pytest.param(request(prompt=["a cat", "a \udc00dog"]), "prompt.1", ["surrogate"], id="half-character-in-a-list"),
+    pytest.param(request(plugins={"x\ud800": {}}), "plugins", ["a key", "surrogate"], id="half-character-in-a-key"),
+    pytest.param(request(prompt=json.loads("[" * 500 + "]" * 500)), "prompt", ["nested over 20 levels"],
+                 id="nested-500-levels-deep"),
+    pytest.param(request(plugins={"x": json.loads('{"a":' * 40 + "1" + "}" * 40)}), "plugins",
+                 ["nested over 20 levels"], id="plugin-options-nested-deep"),
+    pytest.param(request(prompt="pear " * 4001), "prompt", ["20005 characters", "cap of 20000"],
+                 id="prompt-over-the-character-cap"),
+    pytest.param(request(negative_prompt=["ok", "x" * 20001]), "negative_prompt", ["entry 1", "cap of 20000"],
+                 id="negative-prompt-over-the-character-cap"),
+    pytest.param(request(prompt=["a"] * 1001), "prompt", ["1001 prompts", "at most 1000"], id="too-many-prompts"),
+    pytest.param(request(image="s3://inputs/" + "k" * 5000), "image", ["at most 4096"], id="reference-too-long"),
+    pytest.param(request(true_cfg_scale=1e308), "true_cfg_scale", ["at most 100", "overflows"],
+                 id="cfg-scale-that-overflows"),
+    pytest.param(request(attention_kwargs={"scale": 1e300}), "attention_kwargs.scale", ["-100 to 100"],
+                 id="lora-scale-that-overflows"),
     pytest.param("prompt=a", "request", ["JSON object", "str"], id="request-is-a-string"),
 ]
 
@@ -428,6 +447,34 @@ def test_check_size_over_budget():
 )
 def test_default_size_within_budget(size, expected):
     assert LIMITS.default_size(*size) == expected
+
+
+@pytest.mark.parametrize("size", [(1, 4_000_000), (4_000_000, 1), (3, 100_000), (20, 10_000_000)])
+def test_default_size_of_an_extreme_aspect_ratio_fits_the_budget_and_the_models_longest_side(size):
+    width, height = LIMITS.default_size(*size)
+    assert width * height <= LIMITS.max_pixels and max(width, height) <= LIMITS.max_side
+    assert width % 16 == 0 and height % 16 == 0 and min(width, height) == 16
+
+
+def test_a_side_over_what_the_model_can_work_at_is_refused_naming_it():
+    with pytest.raises(InvalidRequest) as caught:
+        Limits(10**9, 50, 4, 600, 8).check(parse_request(request(height=65536, width=8)))
+    assert caught.value.field == "height" and "longest side this model can work at, 32768 px" in caught.value.message
+
+
+def test_a_request_that_is_fine_at_the_caps_passes():
+    parse_request(request(prompt="x" * 20_000, negative_prompt=["y" * 20_000], true_cfg_scale=100,
+                          attention_kwargs={"scale": -100}, plugins={"x": {"a": [[[[1]]]]}}))
+
+
+def test_redaction_stops_at_the_depth_limit_instead_of_exhausting_the_stack():
+    from worker.schema import redacted
+
+    deep: list = []
+    for _ in range(5000):  # recursion over it would raise RecursionError
+        deep = [deep]
+    shown = redacted({"prompt": deep})
+    assert json.dumps(shown).count("[") == 19 and "<nested too deep>" in json.dumps(shown)
 
 
 @pytest.mark.parametrize("size", [(2048, 1024), (1024, 2048), (4000, 3000), (1921, 1081), (8192, 8192)])

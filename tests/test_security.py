@@ -3,6 +3,7 @@ end with its password nowhere in what the service writes."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 
@@ -20,6 +21,24 @@ def test_internal_addresses_are_refused_even_for_allowed_hosts(host):
     with pytest.raises(InputForbidden) as caught:
         refuse_internal_address(host, "image")
     assert "internal address" in caught.value.message
+
+
+@pytest.mark.parametrize(("host", "carried"), [
+    ("64:ff9b::a00:5", "10.0.0.5"),  # NAT64 (RFC 6052): a gateway takes it to 10.0.0.5
+    ("64:ff9b:1::a9fe:a9fe", "169.254.169.254"),  # local-use NAT64 (RFC 8215): cloud metadata
+    ("2002:a00:5::1", "10.0.0.5"),  # 6to4
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffa", "10.0.0.5"),  # Teredo: the client's address, obfuscated
+    ("::ffff:127.0.0.1", "127.0.0.1"),  # IPv4-mapped
+])
+def test_an_ipv6_address_carrying_an_internal_ipv4_address_is_refused(host, carried):
+    with pytest.raises(InputForbidden) as caught:
+        refuse_internal_address(host, "image")
+    assert "internal address" in caught.value.message  # NAT64 and 6to4 addresses count as global themselves
+    assert carried in caught.value.message or not ipaddress.ip_address(host).is_global
+
+
+def test_an_ipv6_address_carrying_a_public_ipv4_address_is_allowed():
+    refuse_internal_address("64:ff9b::808:808", "image")  # NAT64 to 8.8.8.8
 
 
 def test_an_allowed_name_that_resolves_inside_is_refused_before_any_request():
@@ -145,3 +164,8 @@ def test_a_refused_value_is_quoted_with_its_secret_named_fields_hidden():
                        "seed": {"api_key": "SEKRET-1"}})
     assert caught.value.field == "seed" and "'api_key': '<redacted>'" in caught.value.message
     assert "SEKRET" not in caught.value.message
+
+
+def test_an_allowed_ipv6_host_may_be_written_with_or_without_brackets():
+    assert Settings(http_allow=["[64:FF9B::A00:5]", "Images.Example.com"]).http_allow == ["64:ff9b::a00:5",
+                                                                                         "images.example.com"]

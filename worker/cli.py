@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from .errors import InvalidRequest, JobError
 EXIT_FAILED = 1  # the job failed, or what it needs (Redis, the model) could not be reached or loaded
 EXIT_INVALID = 2  # a bad request, flag or INPAINT_* setting (argparse uses 2 for usage errors too)
 EXIT_TIMED_OUT = 3  # submit --timeout passed; the job goes on
-URL = re.compile(r"^(data:|[A-Za-z][A-Za-z0-9+.-]*://)")  # anything else is a local path
+URL = re.compile(r"^((?i:data):|[A-Za-z][A-Za-z0-9+.-]*://)")  # anything else is a local path
 SAMPLES = Path(__file__).resolve().parent.parent / "examples"  # in a source checkout; not in the wheel
 
 
@@ -103,10 +104,25 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         if not sep:
             raise InvalidRequest("--set", f"{item!r} is not FIELD=VALUE")
         try:
-            request[name] = json.loads(raw)
+            request[name] = read_json(raw, f"--set {name}")
         except json.JSONDecodeError:
             request[name] = raw
     return request
+
+
+def read_json(text: str, where: str) -> Any:
+    """JSON as a request takes it: a key given twice is refused (json takes the last one silently, so a request
+    edited by hand would run with a value its author did not see), and so is nesting deeper than Python's stack."""
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        twice = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        if twice:
+            raise InvalidRequest(where, f"gives {', '.join(map(repr, twice))} twice; give each field once")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except RecursionError:
+        raise InvalidRequest(where, "is nested too deep to read; a request is a few levels deep") from None
 
 
 def paths_from_folder(request: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -124,7 +140,7 @@ def paths_from_folder(request: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def read_request_file(path: str) -> Any:
     try:
-        request = json.loads(Path(path).read_text())
+        request = read_json(Path(path).read_text(), "--request")
     except OSError as error:
         raise InvalidRequest("--request", f"cannot read {path}: {error.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -157,7 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"note: using the {model.describe()['label']} (set INPAINT_MODEL or --model for a real one)",
                   file=sys.stderr)
         reporter = no_reporter if args.quiet else ProgressBar()
-        result = job.run(request, model=model, plugins=plugins, fetcher=LocalFetcher(settings.data_url_max_bytes),
+        fetcher = LocalFetcher(settings.data_url_max_bytes, settings.input_max_bytes)
+        result = job.run(request, model=model, plugins=plugins, fetcher=fetcher,
                          sink=DirectorySink(args.out), settings=settings, reporter=reporter)
     except JobError as error:
         print(json.dumps({"error": error.to_dict()}, indent=2))

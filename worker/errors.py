@@ -51,6 +51,12 @@ class OutOfMemory(JobError):
     code = "out_of_memory"
 
 
+class NumericalError(JobError):
+    """The model's numbers overflowed (NaN or infinite latents): what it would write is noise."""
+
+    code = "numerical_error"
+
+
 class PluginError(JobError):
     code = "plugin_error"
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
+import os
 import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,8 +22,8 @@ from PIL import Image
 
 from .errors import InputForbidden, InputNotFound, InvalidRequest
 
-DATA_URL = re.compile(r"^data:(?P<type>[\w.+/-]*)(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$",
-                      re.S)
+DATA_URL = re.compile(r"^(?i:data):(?P<type>[\w.+/-]*)(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;(?i:base64))?,"
+                      r"(?P<data>.*)$", re.S)  # a scheme is case-insensitive (RFC 3986): DATA: is data:
 MAX_DECODE_PIXELS = 50_000_000
 
 
@@ -50,13 +53,14 @@ def read_data_url(ref: str, field: str, max_bytes: int) -> bytes:
 
 
 class LocalFetcher:
-    """Local files and `data:` URLs: for `inpaint-worker run` on one machine."""
+    """Local files and `data:` URLs: for `inpaint-worker run` on one machine. Only regular files are read (not a
+    device such as /dev/zero, nor a FIFO that would block), and no more than `input_max_bytes` of one."""
 
-    def __init__(self, data_url_max_bytes: int):
-        self.data_url_max_bytes = data_url_max_bytes
+    def __init__(self, data_url_max_bytes: int, input_max_bytes: int = 50_000_000):
+        self.data_url_max_bytes, self.input_max_bytes = data_url_max_bytes, input_max_bytes
 
     def fetch(self, ref: str, field: str) -> bytes:
-        if ref.startswith("data:"):
+        if ref[:5].lower() == "data:":
             return read_data_url(ref, field, self.data_url_max_bytes)
         scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", ref)
         if scheme and scheme[1].lower() != "file":
@@ -64,14 +68,42 @@ class LocalFetcher:
                 f"{field}: {scheme[1]}:// references are read by the queue worker, not the local runner; "
                 "give a local path or a data: URL", field=field)
         path = Path(ref[len("file://"):] if scheme else ref).expanduser()
+        shown = f"{str(path)[:200]}..." if len(str(path)) > 200 else str(path)
+        if "\0" in str(path):
+            raise InvalidRequest(field, f"the path {shown!r} holds a NUL character")
         try:
-            return path.read_bytes()
+            return read_regular_file(path, self.input_max_bytes, field, shown)
         except FileNotFoundError:
-            raise InputNotFound(f"{field}: no file at {path}", field=field) from None
-        except IsADirectoryError:
-            raise InvalidRequest(field, f"{path} is a directory, not a file") from None
+            raise InputNotFound(f"{field}: no file at {shown}", field=field) from None
+        except NotADirectoryError:
+            raise InputNotFound(f"{field}: no file at {shown} (a part of the path is a file, not a folder)",
+                                field=field) from None
         except PermissionError:
-            raise InputForbidden(f"{field}: cannot read {path}", field=field) from None
+            raise InputForbidden(f"{field}: cannot read {shown}", field=field) from None
+        except OSError as error:
+            why = {errno.ENAMETOOLONG: "a name in it is longer than the system allows",
+                   errno.ELOOP: "its symbolic links form a loop"}.get(error.errno, error.strerror)
+            raise InvalidRequest(field, f"cannot read {shown}: {why}") from None
+
+
+def read_regular_file(path: Path, max_bytes: int, field: str, shown: str) -> bytes:
+    """A regular file's bytes, at most `max_bytes`. Opened without blocking (a FIFO would wait for a writer), then
+    checked for what it is."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise InvalidRequest(field, f"{shown} is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise InvalidRequest(field, f"{shown} is not a regular file (a device, a FIFO or a socket); give an image "
+                                 "file")
+        with open(descriptor, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > max_bytes:
+        raise InvalidRequest(field, f"{shown} is over the {max_bytes}-byte cap")
+    return data
 
 
 def decode_image(data: bytes, field: str, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
@@ -88,6 +120,11 @@ def decode_image(data: bytes, field: str, max_pixels: int = MAX_DECODE_PIXELS) -
             if width == 0 or height == 0:
                 raise InvalidRequest(field, "the image has no pixels")
             image.load()
+        try:
+            image.getexif()  # read now: the normalize plugin turns the image as its EXIF orientation says
+        except Exception as error:
+            raise InvalidRequest(field, f"the image's EXIF metadata is corrupt ({error}); save the image again "
+                                 "without it") from None
     except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
+from .errors import InternalError, InvalidRequest, JobError, NumericalError, OutOfMemory
 from .inputs import Fetcher, decode_image, load_tensor
 from .io_pool import at_once, retry_until
 from .outputs import CONTENT_TYPES, EXTENSIONS, MAX_SIDE, OutputSink, encode_output, put_all, remove
@@ -218,8 +218,9 @@ def check_sizes(job: Job, model: LoadedModel) -> None:
     """The processing size on the model's grid and within the pixel budget (what the model works at); the
     output's size (the input's, with padding_mask_crop) within what the output format can hold."""
     request, width, height = job.request, job.params["width"], job.params["height"]
-    asked = "width" if request.width is not None and request.height is None else "height"
-    job.limits.check_size(width, height, asked)
+    asked = "height" if request.height is not None else "width" if request.width is not None else "image"
+    job.limits.check_size(width, height, asked)  # "image": the size is the input's own, scaled
+    job.limits.check_side(max(width, height), asked)
     for name, value in (("width", width), ("height", height)):
         if value % model.size_factor:
             raise InvalidRequest(name, f"{value} is not a multiple of {model.size_factor} (the model's size factor)")
@@ -228,7 +229,8 @@ def check_sizes(job: Job, model: LoadedModel) -> None:
     if not side or max(out_width, out_height) <= side:
         return
     if job.params["padding_mask_crop"] is None:
-        field, context = ("width" if out_width > out_height else "height"), ""
+        side = "width" if out_width > out_height else "height"
+        field, context = (side if getattr(request, side) is not None else "output_type"), ""
     else:
         set_by = "" if request.padding_mask_crop is not None else (
             ", set by a preprocess plugin (auto_crop; \"plugins\": {\"auto_crop\": false} turns it off),")
@@ -282,6 +284,9 @@ def check_tensors(job: Job, model: LoadedModel) -> int:
             if list(t[name].shape) != list(t[embeds].shape[:2]) or t[name].is_floating_point():
                 raise InvalidRequest(name, f"shape {list(t[name].shape)} {t[name].dtype}; expected an integer "
                                      f"tensor {list(t[embeds].shape[:2])} (1 = token, 0 = padding)")
+            if ((t[name] != 0) & (t[name] != 1)).any():
+                raise InvalidRequest(name, f"holds {sorted(set(t[name].unique().tolist()) - {0, 1})[:5]}; each value "
+                                     "is 1 (a token) or 0 (padding)")
             t[name] = t[name].to(model.device, torch.long)
     negatives = t["negative_prompt_embeds"].shape[0] if "negative_prompt_embeds" in t else 1
     if negatives not in (1, prompts):
@@ -304,6 +309,10 @@ def check_tensors(job: Job, model: LoadedModel) -> int:
             if not t[name].is_floating_point():
                 raise InvalidRequest(name, f"dtype {t[name].dtype}; expected a float tensor")
             t[name] = t[name].to(model.device, model.dtype)
+    for name, tensor in t.items():  # cast to the model's dtype: a value too large for it is infinite now
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InvalidRequest(name, f"holds NaN or infinite values (or values too large for the model's "
+                                 f"{str(model.dtype).removeprefix('torch.')}); every value must be a finite number")
     return prompts
 
 
@@ -376,16 +385,30 @@ def pick(value: str | list[str], index: int) -> str:
 
 def step_callback(job: Job, hooks: JobHooks):
     """Bridge diffusers' `callback_on_step_end` to the `inpaint_step_end` hook."""
-    total = job.steps_run
+    total, finite = job.steps_run, []
 
     def on_step_end(pipe: Any, i: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         tensors["latents"] = hooks.chain("inpaint_step_end", "latents", tensors["latents"], replaced_latents,
                                          job=job, step=i + 1, total_steps=total, timestep=timestep)
+        finite.append(torch.isfinite(tensors["latents"]).all())  # read once, after the last step: no sync each step
         if i + 1 == total:
+            refuse_non_finite(job, finite)
             job.tracker.enter("decoding")
         return tensors
 
     return on_step_end
+
+
+def refuse_non_finite(job: Job, finite: list[torch.Tensor]) -> None:
+    """Latents that turned NaN or infinite decode to noise: fail before decoding, naming the first such step."""
+    steps = torch.stack(finite).cpu()
+    if not steps.all():
+        first = int((~steps).nonzero()[0, 0]) + 1
+        image = f" of image {job.image_index + 1} of {job.image_count}" if job.image_count > 1 else ""
+        raise NumericalError(f"the latents turned NaN or infinite at step {first} of {len(finite)}{image}, so the "
+                             "image would be noise; nothing was written. Lower true_cfg_scale or the LoRA scale "
+                             "(attention_kwargs.scale), or check the tensors the request gave; a model run in float16 "
+                             "overflows (use bfloat16)")
 
 
 def same_images(returned: Any, images: list[Any]) -> list[Any]:

@@ -40,8 +40,21 @@ UPPER_BOUNDS = {
     "height": (65536, "generous: the worker's pixel budget, INPAINT_MAX_PIXELS, is the real limit"),
     "width": (65536, "generous: the worker's pixel budget, INPAINT_MAX_PIXELS, is the real limit"),
     "padding_mask_crop": (65536, "a wider margin crops no less: the crop stops at the image's edges"),
+    "true_cfg_scale": (100, "generous: Qwen-Image uses about 4, the picture burns long before 100, and far past it "
+                            "the arithmetic overflows into NaN noise"),
+    "guidance_scale": (100, "generous: a guidance-distilled model uses about 1 to 4"),
 }
+MAX_DEPTH = 20  # levels of nesting in a request: it needs 4 (plugin options hold a few more); pydantic and redaction
+# recurse into what they are given, and a few hundred levels of [[[...]]] (1 KB of JSON) would exhaust Python's stack
+MAX_PROMPT_CHARS = 20_000  # far past max_sequence_length's 1024 tokens: cheap to refuse before tokenizing counts them
+MAX_PROMPTS = 1000  # as num_images_per_prompt: a worker's own cap, INPAINT_MAX_IMAGES, is lower
+MAX_REFERENCE_CHARS = 4096  # an s3:// or https:// reference (S3 keys are at most 1024 bytes); data: URLs are capped
+# by size, by the worker (INPAINT_DATA_URL_MAX_BYTES)
+SURROGATE = re.compile(r"[\ud800-\udfff]")  # half a UTF-16 pair: no UTF-8 encodes it
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# what a job fetches (s3://, https://, data:): the pictures and the tensors
+REFERENCE_FIELDS = ("image", "mask_image", "masked_image_latents", "latents", "prompt_embeds", "prompt_embeds_mask",
+                    "negative_prompt_embeds", "negative_prompt_embeds_mask")
 
 
 class OutputOptions(BaseModel):
@@ -119,6 +132,26 @@ class InpaintRequest(BaseModel):
             )
         return value
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _prompt_size(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"has {len(value)} prompts; at most {MAX_PROMPTS}")
+        for index, text in enumerate([value] if isinstance(value, str) else value or []):
+            if len(text) > MAX_PROMPT_CHARS:
+                which = f"entry {index} is" if isinstance(value, list) else "is"
+                raise ValueError(f"{which} {len(text)} characters, over the cap of {MAX_PROMPT_CHARS} (a prompt "
+                                 "must fit max_sequence_length, at most 1024 tokens)")
+        return value
+
+    @field_validator(*REFERENCE_FIELDS)
+    @classmethod
+    def _reference_size(cls, value: str | None) -> str | None:
+        if value is not None and len(value) > MAX_REFERENCE_CHARS and value[:5].lower() != "data:":
+            raise ValueError(f"is {len(value)} characters; an s3:// or https:// reference is at most "
+                             f"{MAX_REFERENCE_CHARS}")
+        return value
+
     @field_validator(*UPPER_BOUNDS)
     @classmethod
     def _at_most(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -155,9 +188,9 @@ class InpaintRequest(BaseModel):
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(ATTENTION_KWARGS_ALLOWED)}")
         scale = (value or {}).get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not _finite(scale):
-            raise _field_error("attention_kwargs.scale",
-                               f"the LoRA scale must be a finite number, got {_shown_input(scale)}")
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not _finite(scale) or abs(scale) > 100:
+            raise _field_error("attention_kwargs.scale", "the LoRA scale must be a finite number from -100 to 100 "
+                               f"(1 is the LoRA as trained), got {_shown_input(scale)}")
         return value
 
     @model_validator(mode="after")
@@ -215,11 +248,6 @@ class InpaintRequest(BaseModel):
         return self.plugins.get(name, True) is not False
 
 
-# what a job fetches (s3://, https://, data:): the pictures and the tensors
-REFERENCE_FIELDS = ("image", "mask_image", "masked_image_latents", "latents", "prompt_embeds", "prompt_embeds_mask",
-                    "negative_prompt_embeds", "negative_prompt_embeds_mask")
-
-
 def steps_run(num_inference_steps: int, strength: float) -> int:
     """Denoising steps that really run, computed exactly as the pipeline trims the schedule."""
     n = num_inference_steps
@@ -229,18 +257,20 @@ def steps_run(num_inference_steps: int, strength: float) -> int:
 SECRET_KEY = re.compile(r"secret|token|passw|api_?key|authori[sz]ation|credential|signature", re.I)
 
 
-def redacted(value: Any) -> Any:
+def redacted(value: Any, depth: int = 0) -> Any:
     """A request (or any part of one) as it may be recorded: in result.json, logs, task events.
 
     `data:` URLs are shortened to their type and size (they can be megabytes), URLs lose their
     query, fragment and user info (signatures, tokens, passwords), and values under keys named
-    like secrets are hidden, at any depth.
+    like secrets are hidden, at any depth; what lies deeper than MAX_DEPTH is not shown.
     """
+    if isinstance(value, dict | list | tuple) and depth >= MAX_DEPTH:
+        return "<nested too deep>"
     if isinstance(value, dict):
-        return {key: "<redacted>" if SECRET_KEY.search(str(key)) and value[key] is not None else redacted(value[key])
-                for key in value}
+        return {key: "<redacted>" if SECRET_KEY.search(str(key)) and value[key] is not None
+                else redacted(value[key], depth + 1) for key in value}
     if isinstance(value, list | tuple):
-        return [redacted(item) for item in value]
+        return [redacted(item, depth + 1) for item in value]
     if isinstance(value, str):
         return redacted_text(value)  # a reference, or a prompt that quotes one
     return value
@@ -314,6 +344,8 @@ class Limits:
                                  f"{self.max_deadline_s} s")
         for name in ("height", "width"):
             value = getattr(request, name)
+            if value is not None:
+                self.check_side(value, name)
             if value is not None and value % self.size_factor:
                 raise InvalidRequest(
                     name, f"{value} is not a multiple of {self.size_factor} (the model's size factor); "
@@ -334,6 +366,11 @@ class Limits:
                 f"{self.max_images}",
             )
 
+    def check_side(self, value: int, field: str) -> None:
+        if value > self.max_side:
+            raise InvalidRequest(field, f"{value} px is over the longest side this model can work at, {self.max_side} "
+                                 f"px (its position table covers 4096 patches of {self.size_factor} px)")
+
     def check_size(self, width: int, height: int, field: str = "height") -> None:
         if width * height > self.max_pixels:
             raise InvalidRequest(
@@ -342,10 +379,23 @@ class Limits:
             )
 
     def default_size(self, width: int, height: int) -> tuple[int, int]:
-        """The input's own size, scaled down to the pixel budget and rounded down to the size factor."""
+        """The input's own size, scaled down to the pixel budget and rounded down to the size factor. A side too
+        short to scale (a 1x4000000 strip) is raised to one factor, and the other is shortened to keep the budget."""
         scale = min(1.0, math.sqrt(self.max_pixels / (width * height)))
-        f = self.size_factor
-        return max(f, int(width * scale) // f * f), max(f, int(height * scale) // f * f)
+        f, most = self.size_factor, self.max_side
+        fitted_w, fitted_h = max(f, int(width * scale) // f * f), max(f, int(height * scale) // f * f)
+        if fitted_w * fitted_h > self.max_pixels or max(fitted_w, fitted_h) > most:
+            if fitted_w == f:
+                fitted_h = max(f, min(self.max_pixels // f // f * f, most))
+            else:
+                fitted_w = max(f, min(self.max_pixels // f // f * f, most))
+        return fitted_w, fitted_h
+
+    @property
+    def max_side(self) -> int:
+        """The longest side the model can work at: Qwen-Image's position table has 4096 entries, shared by half the
+        image's longest side (in patches of `size_factor` pixels) and the prompt's tokens (1024 at most)."""
+        return 4096 * self.size_factor
 
 
 def parse_request(data: dict | InpaintRequest) -> InpaintRequest:
@@ -354,10 +404,39 @@ def parse_request(data: dict | InpaintRequest) -> InpaintRequest:
         return data
     if not isinstance(data, dict):
         raise InvalidRequest("request", f"must be a JSON object, got {type(data).__name__}")
+    check_plain_json(data)
     try:
         return InpaintRequest.model_validate(data)
     except ValidationError as error:
         raise InvalidRequest(*_describe(error)) from None
+
+
+def check_plain_json(data: dict) -> None:
+    """Refuse, before anything recurses into it, a request nested over MAX_DEPTH levels, and text that holds half a
+    UTF-16 surrogate pair (what JavaScript sends after cutting a string inside an emoji): no UTF-8 encodes it, so the
+    tokenizer and result.json would fail on it. Walked with a list, not recursion."""
+    pending: list[tuple[tuple, Any]] = [((), data)]
+    while pending:
+        path, value = pending.pop()
+        if len(path) > MAX_DEPTH:
+            raise InvalidRequest(str(path[0]), f"is nested over {MAX_DEPTH} levels deep; a request's values are "
+                                 "a few levels at most")
+        if isinstance(value, str):
+            refuse_half_characters(value, path, "")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                refuse_half_characters(str(key), path, "a key: ")
+                pending.append(((*path, key), item))
+        elif isinstance(value, list | tuple):
+            pending.extend(((*path, index), item) for index, item in enumerate(value))
+
+
+def refuse_half_characters(text: str, path: tuple, what: str) -> None:
+    half = SURROGATE.search(text)
+    if half:
+        raise InvalidRequest(".".join(map(str, path)) or "request", f"{what}character {half.start() + 1} is half of a "
+                             f"UTF-16 surrogate pair ({half.group().encode('unicode_escape').decode()}), as "
+                             "JavaScript leaves when it cuts a string inside an emoji; send whole characters")
 
 
 UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")

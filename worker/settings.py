@@ -190,7 +190,7 @@ class Settings(BaseSettings):
     @field_validator("http_allow")
     @classmethod
     def _lowercase_hosts(cls, value: list[str]) -> list[str]:
-        return [host.lower() for host in value]  # as urlsplit gives a URL's hostname
+        return [host.lower().strip("[]") for host in value]  # as urlsplit gives a URL's hostname: no IPv6 brackets
 
 
 @lru_cache(maxsize=1)

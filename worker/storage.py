@@ -45,9 +45,10 @@ def s3_client(settings: Settings) -> Any:
 
 
 def parse_s3(ref: str, field: str) -> tuple[str, str]:
-    parts = urlsplit(ref)
-    bucket, key = parts.netloc, parts.path.lstrip("/")
-    if not bucket or not key:
+    """The bucket, and the key: everything after the bucket's slash, byte for byte (an S3 key may hold '#', '?',
+    '%', spaces and '//'; URL parsing would cut or decode them and read another object)."""
+    bucket, _, key = ref[len("s3://"):].partition("/")
+    if ref[:5].lower() != "s3://" or not bucket or not key:
         raise InvalidRequest(field, f"{redacted_reference(ref)!r} is not s3://bucket/key")
     return bucket, key
 
@@ -274,8 +275,27 @@ def refuse_internal_address(host: str, field: str) -> None:
         raise InputNotFound(f"{field}: cannot resolve {host!r}: {error}", field=field) from None
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
-        if not ip.is_global:
-            raise InputForbidden(f"{field}: {host!r} resolves to {ip}, an internal address", field=field)
+        for carried in (ip, *embedded_ipv4(ip)):
+            if not carried.is_global:
+                also = f" (it carries {carried})" if carried != ip else ""
+                raise InputForbidden(f"{field}: {host!r} resolves to {ip}{also}, an internal address", field=field)
+
+
+NAT64_PREFIXES = ("64:ff9b::/96", "64:ff9b:1::/48")  # RFC 6052's well-known prefix, RFC 8215's local-use one
+
+
+def embedded_ipv4(ip: Any) -> list[Any]:
+    """The IPv4 addresses an IPv6 address leads to by translation or tunnelling: IPv4-mapped and -compatible, NAT64,
+    6to4 and Teredo (its client address; the server's too). A gateway would take `[64:ff9b::a00:5]` to 10.0.0.5."""
+    import ipaddress
+
+    if ip.version != 6:
+        return []
+    last32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    carried = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if int(ip) >> 32 == 0 or any(ip in ipaddress.ip_network(prefix) for prefix in NAT64_PREFIXES):
+        carried.append(last32)  # ::a.b.c.d (IPv4-compatible), and NAT64's
+    return [address for address in carried if address is not None]
 
 
 class S3Sink:

@@ -2,7 +2,8 @@
 
 Options per job under `plugins.testkit`: `step_s` (sleep per step, standing in for a big model's
 step), `raise` (raise RuntimeError with this text), `oom` (raise torch's OutOfMemoryError),
-`drop_images` (return no images from postprocess). Every run appends its job id to $TESTKIT_RUN_LOG.
+`drop_images` (return no images from postprocess), `nan_at_step` (turn the latents to NaN
+at that step). Every run appends its job id to $TESTKIT_RUN_LOG.
 """
 
 import os
@@ -20,8 +21,10 @@ def inpaint_preprocess(job):
 
 
 @hookimpl
-def inpaint_step_end(job, step):
+def inpaint_step_end(job, step, latents):
     options = job.options("testkit")
+    if options.get("nan_at_step") == step:  # what an overflow in the model leaves
+        return {"latents": latents * float("nan")}
     if options.get("raise"):
         raise RuntimeError(options["raise"])
     if options.get("oom"):
