@@ -89,3 +89,47 @@ def test_run_reads_a_request_files_relative_paths_from_the_files_folder(tiny_mod
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["images"][0]["width"] == 64
     assert (elsewhere / "out" / "0.png").is_file()  # --out, a flag, is the current directory's
+
+
+def readme_examples() -> list[dict]:
+    """The JSON requests of the README's section on porting a direct call, in order."""
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Porting a direct `QwenImageInpaintPipeline` call", 1)[1].split("\n## ", 1)[0]
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
+
+
+def tiny(request: dict) -> dict:
+    """An example at the tiny model's scale: 2 steps, and 1024 px (a multiple of 16) as 64 (a multiple of 8)."""
+    sized = {name: value // 16 for name, value in request.items() if name in ("height", "width")}
+    return {**request, **sized, "num_inference_steps": 2}
+
+
+@pytest.mark.parametrize(("index", "count", "size"), [
+    (0, 1, (96, 64)),  # the input's size, rounded down to the tiny model's factor
+    (1, 1, (100, 70)),  # padding_mask_crop: the crop is pasted back into the input
+    (2, 6, (96, 64)),  # three prompts, two images each
+])
+def test_the_readme_examples_run_as_inpaint_worker_run_runs_them(tiny_model_dir, tmp_path, capsys, index, count,
+                                                                 size):
+    import json
+
+    from tests.support import box_mask
+    from worker import cli
+
+    examples = readme_examples()
+    assert len(examples) == 3 and all(e["image"] == "original.jpg" for e in examples)
+    photo(100, 70).save(tmp_path / "original.jpg")
+    box_mask(100, 70, (30, 20, 60, 50)).save(tmp_path / "mask.png")
+    (tmp_path / "job.json").write_text(json.dumps(tiny(examples[index]), ensure_ascii=False))
+    code = cli.main(["run", "--request", str(tmp_path / "job.json"), "--out", str(tmp_path / "out"),
+                     "--model", str(tiny_model_dir), "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0, result
+    assert [(image["width"], image["height"]) for image in result["images"]] == [size] * count
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [f"{k}.png" for k in range(count)]
+    if count == 6:
+        assert [image["prompt_index"] for image in result["images"]] == [0, 0, 1, 1, 2, 2]
