@@ -1,27 +1,29 @@
 """The container deployment in docker/: the compose file, its env example, the Dockerfile and the worker healthcheck.
 
-`docker compose config` validates the compose file where a compose client exists; everything else reads the files
-(PyYAML, no docker) or runs docker/healthcheck.py against the real stack (redis-server, worker processes).
+No docker is needed: the compose file is checked against the Compose Specification's JSON schema (vendored in
+tests/compose-spec.json) and resolved with the env example as `docker compose config` would; everything else reads the
+files (PyYAML) or runs docker/healthcheck.py against the real stack (redis-server, worker processes).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 
 from tests.support import box_mask, data_url, photo
-
-yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -29,6 +31,8 @@ COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKERFILE = DOCKER / "Dockerfile"
 HEALTHCHECK = DOCKER / "healthcheck.py"
+COMPOSE_SCHEMA = ROOT / "tests" / "compose-spec.json"  # vendored: see the test that uses it
+COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
 HOST = socket.gethostname()
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|_KEY", re.IGNORECASE)
@@ -154,63 +158,149 @@ def env_settings(instructions: list[tuple[str, str]]) -> dict[str, str]:
     return found
 
 
-# --- docker compose config ------------------------------------------------------------------------------------------
+# --- the compose file against the Compose Specification -----------------------------------------------------------
 
-def compose_client() -> tuple[list[str] | None, str]:
-    """The compose v2+ client (`docker compose`, or a standalone `docker-compose`), or None and why not."""
-    reasons = []
-    if shutil.which("docker"):
-        done = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=60)
-        if done.returncode == 0:
-            return ["docker", "compose"], ""
-        said = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
-        reasons.append(f"`docker compose` is not available ({said[0][:120]})")
-    else:
-        reasons.append("no docker command")
-    standalone = shutil.which("docker-compose")
-    if standalone:
-        done = subprocess.run([standalone, "version"], capture_output=True, text=True, timeout=60)
-        major = re.search(r"version v?(\d+)\.", done.stdout)
-        if done.returncode == 0 and major and int(major.group(1)) >= 2:
-            return [standalone], ""
-        reasons.append(f"docker-compose is not compose v2+ ({done.stdout.strip()[:80]})")
-    else:
-        reasons.append("no docker-compose")
-    return None, "; ".join(reasons)
+def schema_errors(document) -> list[str]:
+    """Every error of the Compose Specification's JSON schema for the document, nested ones (anyOf, oneOf) included,
+    as "path: message"."""
+    validator = jsonschema.Draft202012Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    found, pending = [], list(validator.iter_errors(document))
+    while pending:
+        error = pending.pop()
+        found.append(f"{'/'.join(map(str, error.absolute_path))}: {error.message}")
+        pending.extend(error.context or ())
+    return sorted(found)
 
 
-def compose_config(env_file: Path) -> subprocess.CompletedProcess:
-    client, why = compose_client()
-    if client is None:
-        pytest.skip(f"no compose client to validate docker/compose.yaml with: {why}")
-    # from an empty directory with a clean environment: no stray .env or INPAINT_* of this shell is read
-    env = {key: value for key, value in os.environ.items()
-           if not (key.startswith(("INPAINT_", "REDIS_", "MINIO_", "FLOWER_", "WORKER_", "HF_", "AWS_"))
-                   or key in env_example() or key.startswith("COMPOSE_"))}
-    return subprocess.run([*client, "-f", str(COMPOSE), "--env-file", str(env_file), "config"], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=env_file.parent)
+def env_file(path: Path) -> dict[str, str]:
+    """The variables an env file sets, read as compose reads `--env-file`: comments and blank lines skipped, an
+    optional `export`, quotes around a value removed, a ` #` comment after an unquoted value dropped."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name.strip()), f"{path.name}: not NAME=value: {line!r}"
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = re.sub(r"\s+#.*$", "", value)
+        found[name.strip()] = value
+    return found
 
 
-def test_docker_compose_config_validates_the_compose_file_with_the_example_env():
-    # `config --quiet` is the operator's check; the full output is parsed here as well, since a wrapper script around
-    # the compose binary may lose its exit status
-    done = compose_config(ENV_EXAMPLE)
-    assert done.returncode == 0, done.stderr
-    resolved = yaml.safe_load(done.stdout)
+INTERPOLATION = re.compile(r"\$(?:(\$)|\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+BRACED = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?", re.DOTALL)
+
+
+def resolve(env: dict[str, str]) -> tuple[dict, list[str], list[str]]:
+    """compose.yaml as `docker compose --env-file FILE config` resolves it with only FILE's variables (no shell
+    environment): every string value interpolated (${VAR}, $VAR, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
+    ${VAR?error}, ${VAR:+alt}, ${VAR+alt}, $$ for a literal $). Returns the document, the names used without a default
+    that FILE does not set (compose: 'The "VAR" variable is not set'), and compose's errors for ${VAR:?...} left empty
+    ('required variable VAR is missing a value: ...'), which make `config` fail."""
+    unset: list[str] = []
+    missing: list[str] = []
+
+    def substitute(match: re.Match) -> str:
+        if match.group(1):
+            return "$"
+        if match.group(3):
+            name, operator, argument = match.group(3), "", ""
+        else:
+            braced = BRACED.fullmatch(match.group(2))
+            assert braced, f"invalid interpolation format: {match.group(0)!r}"
+            name, operator, argument = braced.group(1), braced.group(2) or "", braced.group(3) or ""
+            assert "$" not in argument, f"nested interpolation is not handled here: {match.group(0)!r}"
+        value = env.get(name)
+        present = bool(value) if operator.startswith(":") else value is not None
+        if operator.endswith("-"):
+            return value if present else argument
+        if operator.endswith("?"):
+            if not present:
+                missing.append(f"required variable {name} is missing a value: {argument}")
+            return value or ""
+        if operator.endswith("+"):
+            return argument if present else ""
+        if value is None:
+            unset.append(name)
+        return value or ""
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        return INTERPOLATION.sub(substitute, node) if isinstance(node, str) else node
+
+    return walk(compose()), sorted(set(unset)), sorted(set(missing))
+
+
+def test_compose_yaml_is_valid_under_the_compose_specification():
+    """docker/compose.yaml, as written and as resolved with docker/.env.example, against the Compose Specification's
+    JSON schema: the offline part of `docker compose config`, which needs a compose v2 client that CI does not have.
+
+    tests/compose-spec.json is the compose-spec project's schema/compose-spec.json (Compose Specification, top-level
+    `name`, `include`, `models`, ...), taken unmodified from the PyPI package check-jsonschema 0.39.0 (its
+    check_jsonschema/builtin_schemas/vendor/compose-spec.json, vendored there for its check-compose-spec hook).
+    Licence: Apache-2.0, the compose-spec project's; its text is tests/compose-spec.LICENSE (that package's
+    vendor/licenses/LICENSE.compose-spec). Not patched: the sha256 below is the one check-jsonschema 0.39.0 records
+    (vendor/sha256/compose-spec.sha256). To update, copy both files from a newer check-jsonschema and change the hash.
+    """
+    digest = hashlib.sha256(COMPOSE_SCHEMA.read_bytes()).hexdigest()
+    assert digest == COMPOSE_SCHEMA_SHA256, "tests/compose-spec.json changed: record where it came from"
+    assert schema_errors(compose()) == []
+    resolved, _, missing = resolve(env_file(ENV_EXAMPLE))
+    assert missing == [] and schema_errors(resolved) == []
+
+
+@pytest.mark.parametrize("old, new, named", [
+    ("  stop_grace_period:", "  stop_grace_periode:", "stop_grace_periode"),  # in x-worker: reaches the workers by <<
+    ("      retries: 5", "      retrys: 5", "retrys"),  # redis's healthcheck
+    ("        condition: service_healthy", "        condition: service_healty", "service_healty"),  # not an enum value
+    ("\nvolumes:\n", "\nvolume:\n", "volume"),  # a top-level key
+    ("    profiles: [per-gpu]", "    profiles: per-gpu", "per-gpu"),  # a string where a list goes
+], ids=["service-key", "healthcheck-key", "enum-value", "top-level-key", "type"])
+def test_the_schema_check_fails_on_a_broken_compose_file(old, new, named):
+    text = COMPOSE.read_text()
+    assert old in text, f"compose.yaml changed: pick another key to break than {old!r}"
+    errors = schema_errors(yaml.safe_load(text.replace(old, new, 1)))
+    assert errors and any(repr(named) in error for error in errors), errors
+
+
+def test_compose_resolves_with_the_example_env_file():
+    # what `docker compose --env-file docker/.env.example config` printed and the operator reads
+    resolved, unset, missing = resolve(env_file(ENV_EXAMPLE))
+    assert missing == []
     assert {"redis", "minio", "createbuckets", "flower", "worker"} <= set(resolved["services"])
-    assert "is not set" not in done.stderr, f"a variable compose uses is missing from .env.example: {done.stderr}"
+    assert unset == [], f"a variable compose uses is missing from .env.example: {unset}"
     worker = resolved["services"]["worker"]
     assert worker["environment"]["INPAINT_BROKER_URL"] == "redis://:change-me-redis-password@redis:6379/0"
     assert worker["environment"]["INPAINT_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert seconds(worker["stop_grace_period"]) >= 35 * 60
+    # $$ reaches the container's shell as $
+    assert '"$INPAINT_BROKER_URL"' in resolved["services"]["flower"]["command"][2]
 
 
-def test_docker_compose_config_refuses_an_env_file_without_the_secrets(tmp_path):
+REQUIRED = ("REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH", "INPAINT_OUTPUT_BUCKET")
+
+
+def test_compose_refuses_an_env_file_without_the_secrets(tmp_path):
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    done = compose_config(empty)
-    assert done.returncode != 0 or not done.stdout.strip(), done.stdout
-    assert "required variable" in done.stderr and "missing a value" in done.stderr, done.stderr
+    _, _, missing = resolve(env_file(empty))
+    assert missing, "`config` would succeed without an env file"
+    assert all(error.startswith("required variable ") and " is missing a value: " in error for error in missing)
+    named = {error.split()[2] for error in missing}
+    assert set(REQUIRED) <= named, missing
+    # each one alone, unset or set empty, is refused too
+    example = env_file(ENV_EXAMPLE)
+    for name in REQUIRED:
+        for env in ({key: value for key, value in example.items() if key != name}, {**example, name: ""}):
+            _, _, missing = resolve(env)
+            assert [error.split()[2] for error in missing] == [name], (name, missing)
 
 
 # --- the compose file, read ---------------------------------------------------------------------------------------
