@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from worker.errors import InvalidRequest, JobError
-from worker.schema import InpaintRequest, Limits, parse_request
+from worker.limits import Limits
+from worker.schema import InpaintRequest, parse_request
 from worker.settings import Settings
 
 BASE = {"prompt": "a red sofa", "image": "image.png", "mask_image": "mask.png"}
@@ -468,7 +469,7 @@ def test_a_request_that_is_fine_at_the_caps_passes():
 
 
 def test_redaction_stops_at_the_depth_limit_instead_of_exhausting_the_stack():
-    from worker.schema import redacted
+    from worker.redaction import redacted
 
     deep: list = []
     for _ in range(5000):  # recursion over it would raise RecursionError

@@ -118,7 +118,7 @@ def test_a_settings_error_does_not_echo_the_broker_password():
 
 
 def test_what_is_recorded_of_a_request_holds_no_credentials_and_no_megabytes():
-    from worker.schema import redacted
+    from worker.redaction import redacted
 
     request = {"prompt": "a barn: http is not a URL here", "image": "data:image/png;base64," + "A" * 100_000,
                "mask_image": "https://user:pw@cdn.example.com/m.png?X-Amz-Signature=SIG#frag",
@@ -149,7 +149,7 @@ def test_a_refused_request_quoting_a_signed_url_shows_it_without_its_query():
 
 
 def test_a_prompt_that_quotes_a_signed_url_is_recorded_whole_without_the_signature():
-    from worker.schema import redacted
+    from worker.redaction import redacted
 
     assert redacted({"prompt": "Style: https://cdn.example/ref.png?X-Amz-Signature=SECRET like this"}) == {
         "prompt": "Style: https://cdn.example/ref.png?... like this"}

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidRequest, JobError
+from .errors import InvalidRequest, JobError, describe_invalid
 
 # exit statuses (submit documents them in its --help)
 EXIT_FAILED = 1  # the job failed, or what it needs (Redis, the model) could not be reached or loaded
@@ -84,12 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def settings_error(error: Any) -> str:
     """A bad INPAINT_* setting in one line, by variable name and rule, never echoing the value (it may be a secret)."""
-    problems = []
-    for item in error.errors(include_input=False, include_url=False):
-        message = str(item.get("msg", "")).removeprefix("Value error, ")
-        location = item.get("loc") or ()
-        problems.append(f"INPAINT_{str(location[0]).upper()}: {message}" if location else message)
-    return "invalid setting: " + "; ".join(problems)
+    field, message = describe_invalid(error, lambda loc: f"INPAINT_{str(loc[0]).upper()}" if loc else "settings",
+                                      quote_input=False)
+    return f"invalid setting: {field}: {message}"
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:

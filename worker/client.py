@@ -33,7 +33,8 @@ from pydantic import BaseModel
 
 from .app import TASK_NAME, cancel_key, make_app, submitted_key
 from .errors import InvalidRequest
-from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, parse_request, redacted, redacted_reference
+from .redaction import redacted, redacted_reference
+from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, parse_request
 from .settings import Settings
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+from pydantic import ValidationError
 
 from . import hooks
-from .errors import InvalidRequest, JobError, PluginError
+from .errors import InvalidRequest, JobError, PluginError, describe_invalid
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,8 @@ class Plugins:
             self._operator_defaults(name, model)  # a bad environment is the operator's error, not the request's
             try:
                 validated[name] = model.model_validate(value if isinstance(value, dict) else {})
-            except Exception as error:  # pydantic's ValidationError
-                field = _option_field(name, error)
-                raise InvalidRequest(field, _first_line(error).removeprefix(field.rsplit(".", 1)[1] + ": ")) from None
+            except ValidationError as error:
+                raise InvalidRequest(*describe_invalid(error, option_field(name))) from None
         for name in self.names:
             model = getattr(self.pm.get_plugin(name), "Options", None)
             if name not in validated and model is not None:
@@ -188,7 +188,9 @@ class Plugins:
             return model()
         except Exception as error:  # the operator's configuration, not the request, is wrong: told without the
             # values (pydantic quotes them, and an operator's default can be a secret from the environment)
-            raise PluginError(name, "Options", ValueError(f"the operator's settings: {_first_line(error)}")) from None
+            shown = ": ".join(describe_invalid(error, quote_input=False)) if isinstance(error, ValidationError) \
+                else str(error)
+            raise PluginError(name, "Options", ValueError(f"the operator's settings: {shown}")) from None
 
     def for_job(self, disabled: Iterable[str]) -> JobHooks:
         return JobHooks(self, [self.pm.get_plugin(n) for n in disabled if self.pm.get_plugin(n) is not None])
@@ -271,17 +273,6 @@ def _version(distribution: str) -> str:
         return "?"
 
 
-def _option_field(plugin: str, error: Exception) -> str:
-    """`plugins.<name>.<option>` for the first option pydantic names, else `plugins.<name>`."""
-    errors = getattr(error, "errors", None)
-    location = errors()[0]["loc"] if callable(errors) and errors() else ()
-    return ".".join(["plugins", plugin, *map(str, location[:1])])
-
-
-def _first_line(error: Exception) -> str:
-    errors = getattr(error, "errors", None)
-    if callable(errors):
-        return "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg'].removeprefix('Value error, ')}" for e in errors()
-        )
-    return str(error)
+def option_field(plugin: str) -> Callable[[tuple], str]:
+    """How a job's option is named in an error: `plugins.<name>.<option>`."""
+    return lambda location: ".".join(["plugins", plugin, *map(str, location)])

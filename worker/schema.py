@@ -7,11 +7,11 @@ for `generator` and `output_type` is the file format. Images and tensors are ref
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
-from dataclasses import dataclass
+import warnings
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -24,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, describe_invalid, shown_input
+from .redaction import MAX_DEPTH
 
 OutputType = Literal["png", "jpeg", "webp", "latent"]
 MaskGrid = Literal["max_pool", "upstream"]
@@ -44,8 +45,6 @@ UPPER_BOUNDS = {
                             "the arithmetic overflows into NaN noise"),
     "guidance_scale": (100, "generous: a guidance-distilled model uses about 1 to 4"),
 }
-MAX_DEPTH = 20  # levels of nesting in a request: it needs 4 (plugin options hold a few more); pydantic and redaction
-# recurse into what they are given, and a few hundred levels of [[[...]]] (1 KB of JSON) would exhaust Python's stack
 MAX_PROMPT_CHARS = 20_000  # far past max_sequence_length's 1024 tokens: cheap to refuse before tokenizing counts them
 MAX_PROMPTS = 1000  # as num_images_per_prompt: a worker's own cap, INPAINT_MAX_IMAGES, is lower
 MAX_REFERENCE_CHARS = 4096  # an s3:// or https:// reference (S3 keys are at most 1024 bytes); data: URLs are capped
@@ -157,7 +156,7 @@ class InpaintRequest(BaseModel):
     def _at_most(cls, value: int | None, info: ValidationInfo) -> int | None:
         most, why = UPPER_BOUNDS[info.field_name]
         if value is not None and value > most:
-            raise ValueError(f"must be at most {most} ({why}), got {_shown_input(value)}")
+            raise ValueError(f"must be at most {most} ({why}), got {shown_input(value)}")
         return value
 
     @field_validator("seed")
@@ -165,7 +164,7 @@ class InpaintRequest(BaseModel):
     def _seed_range(cls, value: int | list[int] | None) -> int | list[int] | None:
         for seed in [value] if isinstance(value, int) else value or []:
             if not 0 <= seed < 2**63:
-                raise ValueError(f"each seed must be in [0, 2**63), got {_shown_input(seed)}")
+                raise ValueError(f"each seed must be in [0, 2**63), got {shown_input(seed)}")
         return value
 
     @field_validator("sigmas")
@@ -189,44 +188,44 @@ class InpaintRequest(BaseModel):
             raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(ATTENTION_KWARGS_ALLOWED)}")
         scale = (value or {}).get("scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not _finite(scale) or abs(scale) > 100:
-            raise _field_error("attention_kwargs.scale", "the LoRA scale must be a finite number from -100 to 100 "
-                               f"(1 is the LoRA as trained), got {_shown_input(scale)}")
+            raise InvalidRequest("attention_kwargs.scale", "the LoRA scale must be a finite number from -100 to 100 "
+                               f"(1 is the LoRA as trained), got {shown_input(scale)}")
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> InpaintRequest:
         if (self.prompt is None) == (self.prompt_embeds is None):
-            raise _field_error("prompt", "give exactly one of prompt or prompt_embeds")
+            raise InvalidRequest("prompt", "give exactly one of prompt or prompt_embeds")
         if self.negative_prompt is not None and self.negative_prompt_embeds is not None:
-            raise _field_error("negative_prompt", "give at most one of negative_prompt or negative_prompt_embeds")
+            raise InvalidRequest("negative_prompt", "give at most one of negative_prompt or negative_prompt_embeds")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise _field_error("prompt", "the list of prompts is empty")
+            raise InvalidRequest("prompt", "the list of prompts is empty")
         for mask, embeds in (("prompt_embeds_mask", "prompt_embeds"),
                              ("negative_prompt_embeds_mask", "negative_prompt_embeds")):
             if getattr(self, mask) is not None and getattr(self, embeds) is None:
-                raise _field_error(mask, f"needs {embeds}")
+                raise InvalidRequest(mask, f"needs {embeds}")
         prompts = self.prompt_count  # with prompt_embeds, known once the tensor is loaded (job.check_tensors)
         if isinstance(self.negative_prompt, list) and self.prompt is not None and len(self.negative_prompt) != prompts:
-            raise _field_error(
+            raise InvalidRequest(
                 "negative_prompt", f"has {len(self.negative_prompt)} entries for {prompts} prompts; give one each"
             )
         if isinstance(self.seed, list) and self.prompt is not None and len(self.seed) != self.image_count:
-            raise _field_error(
+            raise InvalidRequest(
                 "seed", f"has {len(self.seed)} seeds for {self.image_count} images "
                 "(prompts x num_images_per_prompt); give one int or one seed per image"
             )
         if self.sigmas is not None and len(self.sigmas) != self.num_inference_steps:
-            raise _field_error(
+            raise InvalidRequest(
                 "sigmas", f"has {len(self.sigmas)} values but num_inference_steps is {self.num_inference_steps}; "
                 "give one sigma per step"
             )
         if self.steps_run < 1:
-            raise _field_error(
+            raise InvalidRequest(
                 "strength", f"{self.strength} x {self.num_inference_steps} steps leaves no step to run; "
                 f"raise strength to at least {1 / self.num_inference_steps:.4g} or add steps"
             )
         if self.padding_mask_crop is not None and self.output_type == "latent":
-            raise _field_error("padding_mask_crop", "cannot be used with output_type 'latent' (it pastes images)")
+            raise InvalidRequest("padding_mask_crop", "cannot be used with output_type 'latent' (it pastes images)")
         return self
 
     @property
@@ -254,148 +253,11 @@ def steps_run(num_inference_steps: int, strength: float) -> int:
     return n - int(max(n - min(n * strength, n), 0))
 
 
-SECRET_KEY = re.compile(r"secret|token|passw|api_?key|authori[sz]ation|credential|signature", re.I)
-
-
-def redacted(value: Any, depth: int = 0) -> Any:
-    """A request (or any part of one) as it may be recorded: in result.json, logs, task events.
-
-    `data:` URLs are shortened to their type and size (they can be megabytes), URLs lose their
-    query, fragment and user info (signatures, tokens, passwords), and values under keys named
-    like secrets are hidden, at any depth; what lies deeper than MAX_DEPTH is not shown.
-    """
-    if isinstance(value, dict | list | tuple) and depth >= MAX_DEPTH:
-        return "<nested too deep>"
-    if isinstance(value, dict):
-        return {key: "<redacted>" if SECRET_KEY.search(str(key)) and value[key] is not None
-                else redacted(value[key], depth + 1) for key in value}
-    if isinstance(value, list | tuple):
-        return [redacted(item, depth + 1) for item in value]
-    if isinstance(value, str):
-        return redacted_text(value)  # a reference, or a prompt that quotes one
-    return value
-
-
-def redacted_reference(ref: str) -> str:
-    """One reference as it may be shown: `data:` URLs by size, other URLs without query or credentials (even
-    a malformed one)."""
-    if ref.startswith("data:"):
-        return f"{ref.split(',', 1)[0][:100]},... ({len(ref)} characters)"
-    if "://" not in ref:  # a prompt like "photo: a cat" is no URL
-        return ref
-    try:
-        parts = urlsplit(ref)
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        scheme, _, rest = ref.split("?", 1)[0].split("#", 1)[0].partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}"
-    if not parts.scheme or not ref[len(parts.scheme):].startswith("://"):  # "style: https://..." is a prompt
-        return ref
-    query = "?..." if parts.query or parts.fragment else ""  # e.g. redis+socket:///run/r.sock?password=...
-    scheme = ref[:len(parts.scheme)]  # as written: urlsplit lower-cases it
-    return f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"  # no user:password@
-
-
-URL_IN_TEXT = re.compile(r"\b(?:data:[\w.+/-]*[;,]|[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*")
-
-
-def redacted_text(text: str) -> str:
-    """Free text (an error message from a plugin or a library) with each URL in it shown as `redacted_reference`
-    shows one."""
-    def shown(url: re.Match) -> str:
-        return url.group() if url.group().endswith(",...") else redacted_reference(url.group())  # shown already
-
-    return URL_IN_TEXT.sub(shown, text)
-
-
-def _field_error(field: str, message: str) -> ValueError:
-    return ValueError(f"[{field}] {message}")
-
-
 def _finite(number: int | float) -> bool:
     try:
         return math.isfinite(number)
     except OverflowError:  # an int too large for a float
         return False
-
-
-def _shown_input(value: Any) -> str:
-    """An input as an error quotes it: cut to 80 characters, a huge integer by its size (Python prints 4300 digits at
-    most)."""
-    if isinstance(value, int) and abs(value) >= 10**80:
-        return f"an integer of about {round(abs(value).bit_length() * math.log10(2))} digits"
-    return f"{value!r:.80}"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a worker allows; checked against a request once the model is known."""
-
-    max_pixels: int
-    max_steps: int
-    max_images: int
-    max_deadline_s: float
-    size_factor: int
-
-    def check(self, request: InpaintRequest) -> None:
-        self.check_steps(request.num_inference_steps)
-        self.check_images(request.image_count)
-        if request.deadline_s is not None and request.deadline_s > self.max_deadline_s:
-            raise InvalidRequest("deadline_s", f"{request.deadline_s} is over this worker's cap of "
-                                 f"{self.max_deadline_s} s")
-        for name in ("height", "width"):
-            value = getattr(request, name)
-            if value is not None:
-                self.check_side(value, name)
-            if value is not None and value % self.size_factor:
-                raise InvalidRequest(
-                    name, f"{value} is not a multiple of {self.size_factor} (the model's size factor); "
-                    f"try {max(self.size_factor, round(value / self.size_factor) * self.size_factor)}"
-                )
-
-    def check_steps(self, num_inference_steps: int) -> None:
-        if num_inference_steps > self.max_steps:
-            raise InvalidRequest(
-                "num_inference_steps", f"{num_inference_steps} is over this worker's cap of {self.max_steps}"
-            )
-
-    def check_images(self, count: int) -> None:
-        if count > self.max_images:
-            raise InvalidRequest(
-                "num_images_per_prompt",
-                f"the job would make {count} images (prompts x num_images_per_prompt); this worker allows at most "
-                f"{self.max_images}",
-            )
-
-    def check_side(self, value: int, field: str) -> None:
-        if value > self.max_side:
-            raise InvalidRequest(field, f"{value} px is over the longest side this model can work at, {self.max_side} "
-                                 f"px (its position table covers 4096 patches of {self.size_factor} px)")
-
-    def check_size(self, width: int, height: int, field: str = "height") -> None:
-        if width * height > self.max_pixels:
-            raise InvalidRequest(
-                field, f"{width}x{height} is {width * height} pixels, over this worker's budget of "
-                f"{self.max_pixels}"
-            )
-
-    def default_size(self, width: int, height: int) -> tuple[int, int]:
-        """The input's own size, scaled down to the pixel budget and rounded down to the size factor. A side too
-        short to scale (a 1x4000000 strip) is raised to one factor, and the other is shortened to keep the budget."""
-        scale = min(1.0, math.sqrt(self.max_pixels / (width * height)))
-        f, most = self.size_factor, self.max_side
-        fitted_w, fitted_h = max(f, int(width * scale) // f * f), max(f, int(height * scale) // f * f)
-        if fitted_w * fitted_h > self.max_pixels or max(fitted_w, fitted_h) > most:
-            if fitted_w == f:
-                fitted_h = max(f, min(self.max_pixels // f // f * f, most))
-            else:
-                fitted_w = max(f, min(self.max_pixels // f // f * f, most))
-        return fitted_w, fitted_h
-
-    @property
-    def max_side(self) -> int:
-        """The longest side the model can work at: Qwen-Image's position table has 4096 entries, shared by half the
-        image's longest side (in patches of `size_factor` pixels) and the prompt's tokens (1024 at most)."""
-        return 4096 * self.size_factor
 
 
 def parse_request(data: dict | InpaintRequest) -> InpaintRequest:
@@ -408,7 +270,7 @@ def parse_request(data: dict | InpaintRequest) -> InpaintRequest:
     try:
         return InpaintRequest.model_validate(data)
     except ValidationError as error:
-        raise InvalidRequest(*_describe(error)) from None
+        raise InvalidRequest(*describe_invalid(error)) from None
 
 
 def check_plain_json(data: dict) -> None:
@@ -437,32 +299,6 @@ def refuse_half_characters(text: str, path: tuple, what: str) -> None:
         raise InvalidRequest(".".join(map(str, path)) or "request", f"{what}character {half.start() + 1} is half of a "
                              f"UTF-16 surrogate pair ({half.group().encode('unicode_escape').decode()}), as "
                              "JavaScript leaves when it cuts a string inside an emoji; send whole characters")
-
-
-UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")
-
-
-def _describe(error: ValidationError) -> tuple[str, str]:
-    """One field and one message a person can act on, from pydantic's list of errors."""
-    problems: dict[str, list[str]] = {}
-    for item in error.errors():
-        # a union field (str | list[str]) reports one error per member, tagged in the location
-        field = ".".join(str(part) for part in item["loc"] if not UNION_TAG.match(str(part))) or "request"
-        message = item["msg"].removeprefix("Value error, ")
-        named = re.match(r"^\[([\w.]+)\] (.*)$", message, re.S)
-        if named:
-            field, message = named.groups()
-        if item["type"] == "extra_forbidden":
-            message = "unknown field; see InpaintRequest for the fields a job takes"
-        problems.setdefault(field, [])
-        if message not in problems[field]:
-            problems[field].append(message)
-        if item["type"].startswith(("int_", "float_", "string_", "bool_", "list_", "dict_", "literal_")):
-            problems[field].append(f"(got {_shown_input(redacted(item.get('input')))})")
-    parts = [f"{field}: " * bool(i) + " or ".join(m for m in msgs if not m.startswith("(got"))
-             + "".join(f" {m}" for m in dict.fromkeys(msgs) if m.startswith("(got"))
-             for i, (field, msgs) in enumerate(problems.items())]
-    return next(iter(problems)), "; ".join(parts)
 
 
 class Progress(BaseModel):
@@ -552,3 +388,15 @@ class InpaintResult(BaseModel):
     timings: dict[str, float]
     model: dict[str, Any]
     worker: WorkerInfo = Field(default_factory=WorkerInfo)
+
+
+MOVED = {"redacted": "worker.redaction", "redacted_reference": "worker.redaction", "redacted_text": "worker.redaction",
+         "Limits": "worker.limits"}
+
+
+def __getattr__(name: str) -> Any:
+    """Names that moved to rooms of their own, still found here for plugins written against them (deprecated)."""
+    if name not in MOVED:
+        raise AttributeError(f"module 'worker.schema' has no attribute {name!r}")
+    warnings.warn(f"worker.schema.{name} is deprecated: import it from {MOVED[name]}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(MOVED[name]), name)

@@ -25,7 +25,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from .errors import InputForbidden, InputNotFound, InvalidRequest, StorageError
 from .inputs import read_data_url
 from .io_pool import time_for_retry
-from .schema import JOB_ID_PATTERN, redacted_reference
+from .redaction import redacted_reference
+from .schema import JOB_ID_PATTERN
 from .settings import Settings
 
 log = logging.getLogger(__name__)

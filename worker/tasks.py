@@ -21,7 +21,8 @@ from .errors import Cancelled, InvalidRequest, JobError, JobFailed
 from .lease import JobLease
 from .pipeline import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
-from .schema import Progress, parse_request, redacted, redacted_text
+from .redaction import redacted, redacted_text
+from .schema import Progress, parse_request
 from .settings import get_settings
 from .storage import S3Sink, StorageFetcher, s3_client
 

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worker.hooks import hookimpl
-from worker.schema import redacted_reference as redact  # URLs in logs: no query, no user:password@
+from worker.redaction import redacted_reference as redact  # URLs in logs: no query, no user:password@
 
 NAME = "webhook"
 USER_AGENT = "inpaint-webhook/0.1"
