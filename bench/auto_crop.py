@@ -15,7 +15,7 @@ import time
 from common import png_url, run_job
 from PIL import Image
 
-from worker.pipeline import load_model
+from worker.model import load_model
 from worker.settings import Settings
 
 

@@ -142,11 +142,11 @@ def transformer_flops(pipe, size: int, text_tokens: int) -> float:
 def worker_pipeline(pipe: QwenImageInpaintPipeline):
     """The worker's pipeline class over the same components (imports torch and diffusers only)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from worker import inpaint_pipeline
+    from worker import pipeline, speed
 
-    fast = inpaint_pipeline.InpaintPipeline(**pipe.components)
+    fast = pipeline.InpaintPipeline(**pipe.components)
     fast.set_progress_bar_config(disable=True)
-    return fast, inpaint_pipeline  # and its speed options
+    return fast, speed  # and its speed options
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ from PIL import Image  # noqa: E402
 
 from worker.app import make_app  # noqa: E402
 from worker.client import InpaintClient  # noqa: E402
+from worker.model import generator, load_model, model_path  # noqa: E402
 from worker.outputs import encode_output  # noqa: E402
-from worker.pipeline import generator, load_model, model_path  # noqa: E402
 from worker.schema import InpaintResult  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.stack import LocalStack  # noqa: E402

@@ -20,8 +20,8 @@ from common import png_url, run_job
 from PIL import Image
 
 from worker.builtin.preview import render_preview
+from worker.model import load_model
 from worker.outputs import DirectorySink
-from worker.pipeline import load_model
 from worker.settings import Settings
 
 

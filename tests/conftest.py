@@ -24,7 +24,7 @@ def settings(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model(settings):
-    from worker.pipeline import load_model
+    from worker.model import load_model
 
     return load_model(settings)
 

@@ -512,8 +512,9 @@ def test_a_schedule_a_preprocess_plugin_gives_as_numpy_values_is_taken(runner):
 
 
 @pytest.mark.parametrize(("params", "field", "expected"), [
-    ({"strength": 0.0}, "strength", "greater than 0"),
-    ({"num_inference_steps": 5000}, "num_inference_steps", "must be at most 1000"),
+    ({"strength": 0.0}, "strength", "must be a number in (0, 1], got 0.0"),
+    ({"num_inference_steps": 5000}, "num_inference_steps", "must be an integer from 1 to 1000, got 5000"),
+    ({"num_inference_steps": 4.0}, "num_inference_steps", "must be an integer"),
     ({"num_inference_steps": 300}, "num_inference_steps", "over this worker's cap of 200"),
     ({"sigmas": [1.0, 0.5]}, "sigmas", "has 2 values but num_inference_steps is 4"),
 ])

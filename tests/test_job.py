@@ -281,7 +281,7 @@ def test_a_guidance_distilled_model_gets_guidance_scale_1_unless_asked(runner, m
 
     from diffusers import QwenImageTransformer2DModel
 
-    from worker.pipeline import LoadedModel
+    from worker.model import LoadedModel
     from worker.schema import parse_request
     from worker.tiny import TINY_TRANSFORMER
 
@@ -464,7 +464,7 @@ def test_a_repeated_prompt_reuses_its_embeddings_and_gives_the_same_image(runner
 
 def test_warm_up_runs_a_small_job_in_a_thread_that_ends_with_it(model):
     """A thread left holding torch's CPU thread team would slow every later job (docs/BENCHMARKS.md)."""
-    from worker.pipeline import warm_up
+    from worker.model import warm_up
 
     ran_in = []
     handle = model.pipe.transformer.register_forward_pre_hook(lambda *_: ran_in.append(threading.current_thread()))

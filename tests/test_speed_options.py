@@ -20,7 +20,7 @@ NOISE = 1e-4  # float32 on the CPU: the same computation in another order differ
 
 
 def latents(model, prompt="a red apple on a table", size=(64, 64), callback=None, **call) -> torch.Tensor:
-    from worker.pipeline import generator
+    from worker.model import generator
 
     width, height = size
     if callback is not None:
@@ -97,7 +97,7 @@ def test_a_callback_that_replaces_the_prompt_embeddings_gets_them_used(model, cf
 
 
 def test_an_attention_backend_gives_the_same_result(model, settings):
-    from worker.pipeline import load_model
+    from worker.model import load_model
 
     chosen = load_model(settings.model_copy(update={"attention_backend": "_native_math"}))
     assert chosen.pipe is not model.pipe and chosen.describe()["attention_backend"] == "_native_math"
@@ -106,7 +106,7 @@ def test_an_attention_backend_gives_the_same_result(model, settings):
 
 
 def test_an_unknown_attention_backend_is_refused_at_start_naming_the_setting(settings):
-    from worker.pipeline import load_model
+    from worker.model import load_model
 
     with pytest.raises(ValueError) as caught:
         load_model(settings.model_copy(update={"attention_backend": "fastest"}))
@@ -118,7 +118,7 @@ def test_compiled_blocks_are_ready_after_warm_up_for_any_size_and_prompt(model, 
     """Warm-up compiles every kind of step once: calls of new sizes and prompt lengths compile nothing."""
     from torch._dynamo.utils import counters
 
-    from worker.pipeline import load_model, warm_up
+    from worker.model import load_model, warm_up
 
     compiled = load_model(settings.model_copy(update={"compile": "on"}))
     assert compiled.compiled and compiled.describe()["compiled"]
@@ -137,7 +137,7 @@ def test_blocks_that_fail_to_compile_run_uncompiled_and_the_worker_serves(model,
     """A hook that breaks the graph (a plugin's, a cache's) makes compiling fail at warm-up: the model still runs."""
     import torch._dynamo
 
-    from worker.pipeline import load_model, warm_up
+    from worker.model import load_model, warm_up
 
     compiled = load_model(settings.model_copy(update={"compile": "on", "prompt_cache_size": 7}))
     assert compiled.compiled and compiled.pipe is not model.pipe
@@ -154,7 +154,7 @@ def test_blocks_that_fail_to_compile_run_uncompiled_and_the_worker_serves(model,
 
 
 def test_the_lossy_step_cache_skips_blocks_only_when_asked(model, settings):
-    from worker.pipeline import load_model
+    from worker.model import load_model
 
     THRESHOLD = 3.0
 
@@ -175,8 +175,8 @@ def test_a_job_stopped_mid_run_leaves_no_step_cache_state_to_the_next_job_of_ano
     from worker import job
     from worker.errors import Cancelled
     from worker.inputs import LocalFetcher
+    from worker.model import load_model
     from worker.outputs import DirectorySink
-    from worker.pipeline import load_model
 
     cached = load_model(settings.model_copy(update={"step_cache": 3.0}))
 
@@ -206,7 +206,7 @@ def test_the_step_cache_and_forced_compilation_are_refused_together():
 
 def test_an_attention_backend_without_masks_runs_unequal_prompts_apart(model, settings, caplog):
     """torch's flash kernel takes no mask (nor do flash-attn 2/3): a padded batch is impossible, a plain one is not."""
-    from worker.pipeline import load_model
+    from worker.model import load_model
 
     flash = load_model(settings.model_copy(update={"attention_backend": "_native_flash"}))
     with batches_of(flash) as batches:
@@ -221,8 +221,8 @@ def test_an_attention_backend_without_masks_runs_unequal_prompts_apart(model, se
 
 
 def test_fp8_blocks_hold_float8_weights_and_change_the_result_only_a_little(model, settings):
-    from worker.inpaint_pipeline import Fp8Linear
-    from worker.pipeline import load_model
+    from worker.model import load_model
+    from worker.speed import Fp8Linear
 
     def block_bytes(loaded) -> int:
         blocks = loaded.pipe.transformer.transformer_blocks
@@ -243,9 +243,9 @@ def test_fp8_blocks_hold_float8_weights_and_change_the_result_only_a_little(mode
 def test_a_worker_started_with_INPAINT_FP8_runs_float8_jobs_and_says_so(tiny_model_dir, plugins, tmp_path,
                                                                         monkeypatch):
     from tests.support import Runner
-    from worker.inpaint_pipeline import Fp8Linear
-    from worker.pipeline import load_model
+    from worker.model import load_model
     from worker.settings import Settings
+    from worker.speed import Fp8Linear
 
     monkeypatch.setenv("INPAINT_FP8", "true")
     settings = Settings(model=str(tiny_model_dir), cache_dir=tmp_path, progress_interval_s=0)
@@ -258,8 +258,8 @@ def test_a_worker_started_with_INPAINT_FP8_runs_float8_jobs_and_says_so(tiny_mod
 def test_fp8_weights_stay_float8_through_a_dtype_cast_and_sequential_offload_is_refused():
     from pydantic import ValidationError
 
-    from worker.inpaint_pipeline import Fp8Linear
     from worker.settings import Settings
+    from worker.speed import Fp8Linear
 
     layer = Fp8Linear(torch.nn.Linear(32, 16))
     x = torch.randn(3, 32)
@@ -297,7 +297,7 @@ def test_a_thin_stroke_between_the_grids_samples_is_repainted(model):
     from diffusers import QwenImageInpaintPipeline
     from PIL import Image
 
-    from worker.pipeline import generator
+    from worker.model import generator
 
     f = model.pipe.vae_scale_factor
     stroke = box_mask(64, 64, (0, 4 * f + 1, 64, 4 * f + 3))  # two rows between sampled rows

@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from tests.support import data_url, photo
-from worker.inpaint_pipeline import InpaintPipeline
-from worker.pipeline import generator
+from worker.model import generator
+from worker.pipeline import InpaintPipeline
 
 NO_PASTE = {"paste_back": False}
 

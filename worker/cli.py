@@ -150,8 +150,8 @@ def read_request_file(path: str) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import job
     from .inputs import LocalFetcher
+    from .model import load_model
     from .outputs import DirectorySink
-    from .pipeline import load_model
     from .plugins import Plugins
     from .settings import Settings
     from .tracking import no_reporter

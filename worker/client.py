@@ -400,14 +400,15 @@ def put_object(settings: Settings, bucket: str, key: str, data: bytes, content_t
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     from .errors import StorageError
-    from .storage import s3_client, s3_trouble, with_retries
+    from .retries import with_retries
+    from .storage import s3_client, s3_trouble
 
     where = f"s3://{bucket}/{key}" + (f" at {settings.s3_endpoint_url}" if settings.s3_endpoint_url else "")
     try:
         with_retries(settings, f"upload to {where}",
                      lambda: s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data,
                                                             ContentType=content_type),
-                     trouble=lambda error: None if isinstance(error, NoCredentialsError) else s3_trouble(error))
+                     s3_trouble)
     except NoCredentialsError:  # no try would find them
         raise StorageError(f"upload to {where}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                            "(or another of boto3's credential sources)") from None

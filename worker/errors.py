@@ -35,6 +35,7 @@ class InvalidRequest(JobError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}", field=field)
+        self.detail = message  # what is wrong with the field, without its name
 
 
 class InputNotFound(JobError):

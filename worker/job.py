@@ -22,21 +22,23 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .errors import InternalError, InvalidRequest, JobError, NumericalError, OutOfMemory
+from .checks import check_ready, refuse_non_finite, replaced_latents, same_images
+from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
 from .inputs import Fetcher, decode_image, load_tensor
-from .io_pool import at_once, retry_until
-from .outputs import CONTENT_TYPES, EXTENSIONS, MAX_SIDE, OutputSink, encode_output, put_all, remove
-from .pipeline import LoadedModel, count_prompt_tokens, free_memory, generator, template_closing_tokens
+from .io_pool import at_once
+from .limits import Limits
+from .model import LoadedModel, free_memory, generator
+from .outputs import CONTENT_TYPES, EXTENSIONS, OutputSink, encode_output, put_all, remove
 from .plugins import JobHooks, Plugins
+from .redaction import redacted
+from .retries import retry_until
 from .schema import (
     REFERENCE_FIELDS,
     EffectiveParameters,
     ImageOutput,
     InpaintRequest,
     InpaintResult,
-    Limits,
     parse_request,
-    redacted,
     steps_run,
 )
 from .settings import Settings
@@ -83,6 +85,14 @@ class Job:
         return steps_run(self.params["num_inference_steps"], self.params["strength"])
 
     @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images the job returns: the processing size, or with padding_mask_crop the input's (the
+        pipeline pastes the processed crop back into the input)."""
+        if self.params["padding_mask_crop"] is None:
+            return self.params["width"], self.params["height"]
+        return self.image.size
+
+    @property
     def true_cfg(self) -> bool:
         """True CFG runs only with true_cfg_scale > 1 and a negative prompt: upstream is silent otherwise."""
         negative = self.request.negative_prompt is not None or self.request.negative_prompt_embeds is not None
@@ -111,7 +121,7 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
         load_inputs(job, fetcher)
         job.tracker.enter("preprocessing")
         hooks.call("inpaint_preprocess", job=job)
-        check_ready(job, model)
+        job.items = plan_images(job.request, check_ready(job, model))
         job.tracker.plan(job.image_count, job.steps_run)
         images = generate(job, model, hooks)
         job.tracker.enter("postprocessing")
@@ -162,158 +172,6 @@ def load_inputs(job: Job, fetcher: Fetcher) -> None:
     job.mask = decode_image(fetched.pop("mask_image").result(), "mask_image")
     for name, data in fetched.items():
         job.tensors[name] = load_tensor(data.result(), name)
-
-
-def check_ready(job: Job, model: LoadedModel) -> None:
-    """What can only be checked once inputs are loaded and preprocessed, before any GPU time is spent."""
-    request = job.request
-    check_schedule(job)
-    check_sizes(job, model)
-    if job.image.mode != "RGB":
-        raise InvalidRequest("image", f"mode {job.image.mode} reached the pipeline; the normalize plugin converts "
-                             "to RGB (is it blocked?)")
-    if not job.mask.convert("L").getbbox():
-        raise InvalidRequest("mask_image", "the mask is empty (all black): nothing to repaint; white marks the area "
-                             "to repaint")
-    check_prompt_lengths(job, model)
-    prompts = check_tensors(job, model)
-    job.limits.check_images(prompts * request.num_images_per_prompt)
-    job.items = plan_images(request, prompts)
-    if "latents" in job.tensors and job.tensors["latents"].shape[0] not in (1, len(job.items)):
-        raise InvalidRequest("latents", f"has {job.tensors['latents'].shape[0]} rows for {len(job.items)} images; "
-                             f"give 1 row (shared by every image) or {len(job.items)} (one per image)")
-
-
-SCHEDULE = ("num_inference_steps", "strength", "sigmas")
-
-
-def check_schedule(job: Job) -> None:
-    """The denoising schedule, when a preprocess hook changed it in `params`, checked as the request's was."""
-    schedule = {name: plain(job.params[name]) for name in SCHEDULE}  # a hook may give numpy values
-    changed = [name for name in SCHEDULE if schedule[name] != getattr(job.request, name)]
-    if not changed:
-        return
-    try:  # the request's own checks, on a request that differs from a valid one only in its schedule
-        parse_request({"prompt": "-", "image": "-", "mask_image": "-", **schedule})
-        job.limits.check_steps(schedule["num_inference_steps"])
-    except InvalidRequest as error:
-        raise InvalidRequest(error.field, f"{error.message.removeprefix(error.field + ': ')} (after a preprocess "
-                             f"hook changed {', '.join(sorted(changed))} in job.params)") from None
-
-
-def plain(value: Any) -> Any:
-    """A numpy or torch value as the Python value it holds (lists for arrays); anything else as it is."""
-    return value.tolist() if hasattr(value, "tolist") else value
-
-
-def output_size(job: Job) -> tuple[int, int]:
-    """The size of the images the job returns: the processing size, or with padding_mask_crop the input's (the
-    pipeline pastes the processed crop back into the input)."""
-    if job.params["padding_mask_crop"] is None:
-        return job.params["width"], job.params["height"]
-    return job.image.size
-
-
-def check_sizes(job: Job, model: LoadedModel) -> None:
-    """The processing size on the model's grid and within the pixel budget (what the model works at); the
-    output's size (the input's, with padding_mask_crop) within what the output format can hold."""
-    request, width, height = job.request, job.params["width"], job.params["height"]
-    asked = "height" if request.height is not None else "width" if request.width is not None else "image"
-    job.limits.check_size(width, height, asked)  # "image": the size is the input's own, scaled
-    job.limits.check_side(max(width, height), asked)
-    for name, value in (("width", width), ("height", height)):
-        if value % model.size_factor:
-            raise InvalidRequest(name, f"{value} is not a multiple of {model.size_factor} (the model's size factor)")
-    out_width, out_height = output_size(job)
-    side = MAX_SIDE.get(request.output_type)
-    if not side or max(out_width, out_height) <= side:
-        return
-    if job.params["padding_mask_crop"] is None:
-        side = "width" if out_width > out_height else "height"
-        field, context = (side if getattr(request, side) is not None else "output_type"), ""
-    else:
-        set_by = "" if request.padding_mask_crop is not None else (
-            ", set by a preprocess plugin (auto_crop; \"plugins\": {\"auto_crop\": false} turns it off),")
-        field, context = "padding_mask_crop", f"with padding_mask_crop{set_by} the output keeps the input's size: "
-    raise InvalidRequest(field, f"{context}{max(out_width, out_height)} px is over what {request.output_type} can "
-                         f"hold ({side} px a side); choose output_type png")
-
-
-def check_prompt_lengths(job: Job, model: LoadedModel) -> None:
-    """A prompt must fit max_sequence_length with the template's closing tokens: upstream cuts the rest silently."""
-    request, closing = job.request, template_closing_tokens(model)
-    room = max(request.max_sequence_length - closing, 0)
-    for name in ("prompt", "negative_prompt") if job.true_cfg else ("prompt",):  # an unused one is not encoded
-        value = getattr(request, name)
-        for text in [value] if isinstance(value, str) else value or []:
-            tokens = count_prompt_tokens(model, text)
-            if tokens > room:
-                needed = tokens + closing
-                remedy = (f"raise max_sequence_length to {needed} or shorten it" if needed <= 1024
-                          else f"shorten it to {1024 - closing} tokens (max_sequence_length is at most 1024)")
-                raise InvalidRequest(name, f"is {tokens} tokens; with max_sequence_length "
-                                     f"{request.max_sequence_length} a prompt may have at most {room} (the "
-                                     f"pipeline's chat template adds {closing} closing tokens to every prompt's "
-                                     f"sequence); {remedy}")
-
-
-def check_tensors(job: Job, model: LoadedModel) -> int:
-    """Check each tensor's shape and dtype, cast it for the model; return the number of prompts."""
-    t, request = job.tensors, job.request
-    prompts = request.prompt_count
-    dim = model.pipe.transformer.config.joint_attention_dim
-    height, width = job.params["height"], job.params["width"]
-    for name in ("prompt_embeds", "negative_prompt_embeds"):
-        if name in t:
-            shape = list(t[name].shape)
-            if len(shape) != 3 or 0 in shape or shape[-1] != dim or not t[name].is_floating_point():
-                raise InvalidRequest(name, f"shape {shape} {t[name].dtype}; expected a float tensor "
-                                     f"[prompts, tokens, {dim}], none of them 0")
-            if shape[1] > request.max_sequence_length:
-                raise InvalidRequest(name, f"has {shape[1]} tokens, over max_sequence_length "
-                                     f"({request.max_sequence_length}); raise max_sequence_length (at most 1024)")
-            t[name] = t[name].to(model.device, model.dtype)
-    if "prompt_embeds" in t:
-        prompts = t["prompt_embeds"].shape[0]
-        if isinstance(request.negative_prompt, list) and len(request.negative_prompt) != prompts:
-            raise InvalidRequest("negative_prompt", f"has {len(request.negative_prompt)} entries for {prompts} "
-                                 "prompts (rows of prompt_embeds); give one each")
-    for name, embeds in (("prompt_embeds_mask", "prompt_embeds"),
-                         ("negative_prompt_embeds_mask", "negative_prompt_embeds")):
-        if name in t:
-            if list(t[name].shape) != list(t[embeds].shape[:2]) or t[name].is_floating_point():
-                raise InvalidRequest(name, f"shape {list(t[name].shape)} {t[name].dtype}; expected an integer "
-                                     f"tensor {list(t[embeds].shape[:2])} (1 = token, 0 = padding)")
-            if ((t[name] != 0) & (t[name] != 1)).any():
-                raise InvalidRequest(name, f"holds {sorted(set(t[name].unique().tolist()) - {0, 1})[:5]}; each value "
-                                     "is 1 (a token) or 0 (padding)")
-            t[name] = t[name].to(model.device, torch.long)
-    negatives = t["negative_prompt_embeds"].shape[0] if "negative_prompt_embeds" in t else 1
-    if negatives not in (1, prompts):
-        raise InvalidRequest("negative_prompt_embeds", f"has {negatives} rows for {prompts} prompts")
-    factor = model.pipe.vae_scale_factor
-    if "latents" in t:
-        expected = [(height // factor // 2) * (width // factor // 2), model.latent_channels * 4]
-        if t["latents"].dim() != 3 or list(t["latents"].shape[1:]) != expected:
-            raise InvalidRequest("latents", f"shape {list(t['latents'].shape)}; expected packed latents "
-                                 f"[1 or images, {expected[0]}, {expected[1]}] for {width}x{height}")
-    if "masked_image_latents" in t:
-        m = t["masked_image_latents"]
-        expected = (model.latent_channels, height // factor, width // factor)
-        if (m.dim() not in (4, 5) or m.shape[0] != 1 or (m.shape[1], m.shape[-2], m.shape[-1]) != expected
-                or (m.dim() == 5 and m.shape[2] != 1)):
-            raise InvalidRequest("masked_image_latents", f"shape {list(m.shape)}; expected [1, {expected[0]}, "
-                                 f"(1,) {expected[1]}, {expected[2]}] for {width}x{height}")
-    for name in ("latents", "masked_image_latents"):
-        if name in t:
-            if not t[name].is_floating_point():
-                raise InvalidRequest(name, f"dtype {t[name].dtype}; expected a float tensor")
-            t[name] = t[name].to(model.device, model.dtype)
-    for name, tensor in t.items():  # cast to the model's dtype: a value too large for it is infinite now
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise InvalidRequest(name, f"holds NaN or infinite values (or values too large for the model's "
-                                 f"{str(model.dtype).removeprefix('torch.')}); every value must be a finite number")
-    return prompts
 
 
 def plan_images(request: InpaintRequest, prompts: int) -> list[tuple[int, int]]:
@@ -399,48 +257,6 @@ def step_callback(job: Job, hooks: JobHooks):
     return on_step_end
 
 
-def refuse_non_finite(job: Job, finite: list[torch.Tensor]) -> None:
-    """Latents that turned NaN or infinite decode to noise: fail before decoding, naming the first such step."""
-    steps = torch.stack(finite).cpu()
-    if not steps.all():
-        first = int((~steps).nonzero()[0, 0]) + 1
-        image = f" of image {job.image_index + 1} of {job.image_count}" if job.image_count > 1 else ""
-        raise NumericalError(f"the latents turned NaN or infinite at step {first} of {len(finite)}{image}, so the "
-                             "image would be noise; nothing was written. Lower true_cfg_scale or the LoRA scale "
-                             "(attention_kwargs.scale), or check the tensors the request gave; a model run in float16 "
-                             "overflows (use bfloat16)")
-
-
-def same_images(returned: Any, images: list[Any]) -> list[Any]:
-    """A postprocess hook's images: as many as it was given, each like the one it replaces (a PIL image of the same
-    size and mode; for output_type latent, a tensor of the same shape, dtype and device)."""
-    if not isinstance(returned, list) or len(returned) != len(images):
-        raise TypeError(f"returned {describe(returned)}; expected None or a list of {len(images)} images")
-    for index, (new, old) in enumerate(zip(returned, images, strict=True)):
-        if describe(new) != describe(old):
-            raise TypeError(f"returned {describe(new)} at index {index}; expected {describe(old)}, like the image "
-                            "it replaces")
-    return returned
-
-
-def replaced_latents(returned: Any, latents: torch.Tensor) -> torch.Tensor:
-    new = returned.get("latents", latents) if isinstance(returned, dict) and set(returned) <= {"latents"} else None
-    if describe(new) != describe(latents):
-        raise TypeError(f"returned {describe(returned)}; expected None or {{'latents': {describe(latents)}}}")
-    return new
-
-
-def describe(value: Any) -> str:
-    """What a hook returned, as far as the job needs it to be: kind, shape and type."""
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {list(value.shape)}, {str(value.dtype).removeprefix('torch.')}, on {value.device}"
-    if isinstance(value, Image.Image):
-        return f"an image of {value.width}x{value.height} in mode {value.mode}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key!r}: {describe(item)}" for key, item in value.items()) + "}"
-    return f"a list of {len(value)}" if isinstance(value, list) else f"an object of type {type(value).__name__}"
-
-
 def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputSink) -> InpaintResult:
     """Store the images at once, then `result.json`: it exists only once everything it lists does."""
     request = job.request
@@ -456,7 +272,7 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
         size = image.size if isinstance(image, Image.Image) else (None, None)
         outputs.append(ImageOutput(index=index, location=location, url=url, content_type=content_type,
                                    width=size[0], height=size[1], seed=seed, prompt_index=prompt_index))
-    width, height = output_size(job)
+    width, height = job.output_size
     result = InpaintResult(
         job_id=job.id,
         images=outputs,

@@ -1,245 +1,167 @@
-"""Loading the pipeline once per process (and warming it up), counting prompt tokens, seeded generators.
+"""The worker's pipeline: `QwenImageInpaintPipeline` with `latents` fixed, the mask on the latent grid, a prompt
+cache and batched CFG (worker.speed holds the speed options, worker.model loads it).
 
-Device and dtype come from settings: one dtype for every component (bfloat16 on CUDA,
-float32 on CPU; float16 gives NaNs for this model). Pipeline objects hold per-call
-state, so a process runs one call at a time.
+It imports only torch and diffusers (and worker.speed, which does too), so `bench/gpu.py` times exactly
+what the worker runs, on a GPU host that has none of the project's other dependencies.
 """
 
 from __future__ import annotations
 
-import gc
+import inspect
 import logging
-import os
-import shutil
-import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from diffusers import QwenImageInpaintPipeline
 
-from .inpaint_pipeline import InpaintPipeline, quantize_blocks_fp8, speed_up, uncompile_blocks
-from .plugins import Plugins
-from .settings import Settings
-from .tiny import TINY_MODEL_LABEL, build_tiny_model, is_tiny_model
+from .speed import CfgBatcher
 
 log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_loaded: dict[tuple, LoadedModel] = {}
+MASK_GRIDS = ("max_pool", "upstream")
 
 
-@dataclass
-class LoadedModel:
-    pipe: InpaintPipeline
-    name: str
-    device: torch.device
-    dtype: torch.dtype
-    tiny: bool
-    load_s: float
-    compiled: bool = False
-    attention_backend: str = "native"
-    step_cache: float = 0.0
-    fp8: bool = False
-    warmup_s: float | None = None
-
-    @property
-    def size_factor(self) -> int:
-        """Heights and widths must be multiples of this (16 for Qwen-Image, 8 for the tiny model)."""
-        return self.pipe.vae_scale_factor * 2
-
-    @property
-    def latent_channels(self) -> int:
-        return self.pipe.latent_channels
-
-    @property
-    def guidance_distilled(self) -> bool:
-        """Whether the transformer reads `guidance_scale` (Qwen-Image's does not: its true CFG is `true_cfg_scale`)."""
-        return bool(self.pipe.transformer.config.guidance_embeds)
-
-    def describe(self) -> dict[str, Any]:
-        out = {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-               "load_s": round(self.load_s, 3), "batch_cfg": self.pipe.batch_cfg, "compiled": self.compiled,
-               "attention_backend": self.attention_backend, "step_cache": self.step_cache, "fp8": self.fp8}
-        if self.warmup_s is not None:
-            out["warmup_s"] = round(self.warmup_s, 3)
-        if self.tiny:
-            out["label"] = TINY_MODEL_LABEL
-        return out
+def upstream_signature(upstream: Callable) -> Callable[[Callable], Callable]:
+    """Give an override declared `(*args, **kwargs)` the signature of the upstream method it passes them to, and
+    upstream's documentation after its own: `help()`, `inspect.signature` (diffusers' own tests, wrappers that keep
+    the keyword arguments a callable takes) see upstream's parameters, for the diffusers version installed."""
+    def keep(method: Callable) -> Callable:
+        method.__signature__ = inspect.signature(upstream)
+        method.__doc__ = f"{inspect.cleandoc(method.__doc__ or '')}\n\nUpstream's documentation:\n\n" \
+                         f"{inspect.cleandoc(upstream.__doc__ or '')}"
+        return method
+    return keep
 
 
-def resolve_device(settings: Settings) -> torch.device:
-    if settings.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(settings.device)
+class InpaintPipeline(QwenImageInpaintPipeline):
+    """`QwenImageInpaintPipeline` with `latents` working as documented, every latent cell the mask touches
+    repainted (unless `mask_grid` is "upstream"), a prompt cache, batched CFG, and without upstream's unused VAE
+    encode of the masked image. `__call__` and `encode_prompt` show upstream's signatures.
 
-
-def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
-    if settings.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, settings.dtype)
-
-
-def model_path(settings: Settings) -> str:
-    """The configured model, or the tiny model, built once under the cache directory."""
-    if settings.model:
-        return settings.model
-    path = Path(settings.cache_dir) / "tiny-qwen-image"
-    if not is_tiny_model(path):
-        log.warning("INPAINT_MODEL is not set: building the %s at %s", TINY_MODEL_LABEL, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-"))
-        build_tiny_model(staging)
-        try:
-            os.rename(staging, path)  # atomic: a process racing us finds a whole model or none
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(path)
-
-
-def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedModel:
-    """Load the pipeline (cached per process and configuration); plugins hear of a fresh load."""
-    device = resolve_device(settings)
-    dtype = resolve_dtype(settings, device)
-    with _lock:
-        name = model_path(settings)
-        key = (name, str(device), dtype, settings.offload, settings.prompt_cache_size, settings.batch_cfg,
-               settings.attention_backend, settings.compile, settings.step_cache, settings.fp8)
-        if key not in _loaded:
-            if settings.offload != "none" and device.type != "cuda":
-                raise ValueError(f"INPAINT_OFFLOAD={settings.offload} needs a CUDA device, not {device}")
-            if settings.fp8:
-                check_fp8(device, dtype)  # before minutes of loading
-            started = time.monotonic()
-            pipe = InpaintPipeline.from_pretrained(name, dtype=dtype)
-            if settings.offload == "model":
-                pipe.enable_model_cpu_offload(device=device)
-            elif settings.offload == "sequential":
-                pipe.enable_sequential_cpu_offload(device=device)
-            else:
-                pipe.to(device)
-            pipe.set_progress_bar_config(disable=True)
-            pipe.prompt_cache_size = settings.prompt_cache_size
-            compiled = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda"
-                                                    and not settings.step_cache)
-            try:
-                speed_up(pipe, batch_cfg=settings.batch_cfg, attention_backend=settings.attention_backend,
-                         compile_blocks=compiled, step_cache=settings.step_cache)
-            except (ValueError, RuntimeError) as error:
-                if not settings.attention_backend:
-                    raise
-                raise ValueError(f"INPAINT_ATTENTION_BACKEND={settings.attention_backend}: {error}") from error
-            _loaded[key] = LoadedModel(pipe, name if not is_tiny_model(name) else "tiny-qwen-image", device,
-                                       dtype, is_tiny_model(name), time.monotonic() - started, compiled,
-                                       settings.attention_backend or "native", settings.step_cache, settings.fp8)
-            log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
-            if plugins is not None:
-                plugins.pipeline_loaded(pipe, settings)
-            if settings.fp8:  # after the plugins' setup: a LoRA is loaded (and fused) into bfloat16 layers first
-                quantize_blocks_fp8(pipe.transformer)
-                free_memory(device)
-        return _loaded[key]
-
-
-def check_fp8(device: torch.device, dtype: torch.dtype) -> None:
-    if device.type != "cuda":
-        return
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9):
-        raise ValueError(f"INPAINT_FP8 needs float8 matrix units, compute capability 8.9 or newer (L4, L40S, "
-                         f"RTX 4090, H100, ...): {device} ({torch.cuda.get_device_name(device)}) is "
-                         f"{capability[0]}.{capability[1]}")
-    if dtype != torch.bfloat16:  # cuBLAS's row-wise scaled products give bfloat16
-        raise ValueError(f"INPAINT_FP8 on CUDA computes in bfloat16: leave INPAINT_DTYPE at auto or bfloat16, not "
-                         f"{str(dtype).removeprefix('torch.')}")
-
-
-def wants_warm_up(settings: Settings, model: LoadedModel) -> bool:
-    """`auto` warms up on CUDA, and wherever blocks are compiled: otherwise the first job compiles them."""
-    if settings.warmup == "off" and model.compiled:
-        log.warning("INPAINT_WARMUP=off with compiled blocks: the first jobs will compile them (minutes)")
-    return settings.warmup == "on" or (settings.warmup == "auto" and (model.device.type == "cuda" or model.compiled))
-
-
-def warm_up(model: LoadedModel, size: int, steps: int = 2) -> float:
-    """Small jobs at the serving size, so the first real job finds kernels loaded, tuned and compiled.
-
-    Compiled blocks need one graph per kind of step (sizes and prompt lengths are dynamic within
-    each): true CFG with prompts of different lengths (a masked batch of two when batched), true
-    CFG with prompts of one length, and no CFG (a batch of one).
-
-    They run in a thread that ends with them. A thread that ran torch's CPU operators keeps its
-    OpenMP thread team, and that team then competes with the job thread's: run from the worker's
-    main thread, a warm-up made every later job's pipeline call on a CPU worker slower
-    (docs/BENCHMARKS.md).
+    Upstream returns the given latents alone from `prepare_latents`, where the caller
+    unpacks three values, so any `latents` argument crashes. Here given latents are the
+    starting noise in the packed layout (what `output_type="latent"` returns), noised
+    onto the image exactly as the generator's noise would be.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as thread:  # leaving the block ends the thread
-        return thread.submit(_warm_up, model, size, steps).result()
 
+    prompt_cache_size = 0
+    batch_cfg = False
+    mask_grid = "max_pool"  # or "upstream": see prepare_mask_latents
+    _batcher: CfgBatcher | None = None
 
-def _warm_up(model: LoadedModel, size: int, steps: int) -> float:
-    from PIL import Image
-
-    size = max(model.size_factor, size // model.size_factor * model.size_factor)
-    started = time.monotonic()
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    kinds = [("warm-up", "a longer negative prompt for the warm-up", 4.0)]
-    if model.compiled:
-        kinds += [("warm-up", "warm-up", 4.0), ("warm-up", None, 1.0)]
-
-    def run(prompt: str, negative_prompt: str | None, true_cfg_scale: float) -> None:
-        model.pipe(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, image=image,
-                   mask_image=mask, height=size, width=size, num_inference_steps=steps, strength=1.0,
-                   generator=generator(0))
-
-    try:
-        for kind in kinds:
-            run(*kind)
-    except Exception as error:
-        if not model.compiled:
+    @upstream_signature(QwenImageInpaintPipeline.__call__)
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Upstream's call, with the changes the class describes."""
+        try:
+            return self._call(*args, **kwargs)
+        except BaseException:
+            # Upstream resets stateful hooks (the step cache's tensors from this call) and offloads only at the end of a
+            # call that finishes; after one that raised (cancel, deadline, out of memory) the next call of another size
+            # would compare its tensors with this one's and fail.
+            self.maybe_free_model_hooks()
             raise
-        log.error("compiling the transformer's blocks failed, so they run uncompiled (INPAINT_COMPILE=off skips "
-                  "the attempt): %s", error)
-        uncompile(model)
-        run(*kinds[0])
-    return time.monotonic() - started
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.batch_cfg:
+            return super().__call__(*args, **kwargs)
+        transformer = self.transformer
+        own_forward = transformer.__dict__.get("forward")  # offload hooks wrap forward on the instance
+        self._batcher = transformer.forward = CfgBatcher(transformer)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._batcher = None
+            if own_forward is None:
+                del transformer.forward
+            else:
+                transformer.forward = own_forward
+
+    @contextmanager
+    def mask_grid_as(self, mask_grid: str) -> Iterator[None]:
+        """Calls inside the block bring the mask onto the latent grid as `mask_grid` says (see prepare_mask_latents)."""
+        if mask_grid not in MASK_GRIDS:
+            raise ValueError(f"mask_grid {mask_grid!r}: expected one of {', '.join(MASK_GRIDS)}")
+        before, self.mask_grid = self.__dict__.get("mask_grid"), mask_grid
+        try:
+            yield
+        finally:
+            if before is None:
+                del self.mask_grid  # the class's default again
+            else:
+                self.mask_grid = before
+
+    @upstream_signature(QwenImageInpaintPipeline.encode_prompt)
+    def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Upstream's, noting the embeddings for batched CFG."""
+        embeds, mask = super().encode_prompt(*args, **kwargs)
+        if self._batcher is not None:
+            self._batcher.texts.append((embeds, mask))  # the prompt's, then the negative prompt's
+        return embeds, mask
+
+    def _get_qwen_prompt_embeds(self, prompt=None, device=None, dtype=None):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not self.prompt_cache_size or len(prompts) != 1:
+            return super()._get_qwen_prompt_embeds(prompt, device, dtype)
+        key = (prompts[0], str(device or self._execution_device), dtype or self.text_encoder.dtype)
+        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        if key not in cache:
+            cache[key] = super()._get_qwen_prompt_embeds(prompt, device, dtype)
+            while len(cache) > self.prompt_cache_size:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+
+    def prepare_mask_latents(self, mask, masked_image, batch_size, num_channels_latents, num_images_per_prompt,
+                             height, width, dtype, device, generator):
+        """Upstream's mask latents, with two changes.
+
+        With `mask_grid` "max_pool" (the default), every latent cell the mask touches is repainted: upstream
+        samples one pixel a cell (nearest), so a stroke a few pixels wide between the samples was left as it
+        was, the job reporting success. A mask on the cell grid gives upstream's mask exactly. With "upstream"
+        the mask is sampled as upstream samples it, for results identical to a direct call.
+
+        The masked image is not encoded: upstream encodes it with the VAE and never reads the result
+        (Qwen-Image's transformer takes no masked image), which costs one VAE encode a call. A zero latent
+        of the right shape takes its place (so `masked_image_latents` changes nothing, as upstream).
+        """
+        h, w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (self.vae_scale_factor * 2))
+        if self.mask_grid == "max_pool":
+            mask = torch.nn.functional.adaptive_max_pool2d(mask, (h, w))  # upstream's resize is then the identity
+        unused = torch.zeros((1, self.latent_channels, 1, h, w), device=device, dtype=dtype)
+        return super().prepare_mask_latents(mask, unused, batch_size, num_channels_latents, num_images_per_prompt,
+                                            height, width, dtype, device, generator)
+
+    def prepare_latents(self, image, timestep, batch_size, num_channels_latents, height, width, dtype, device,
+                        generator, latents=None):
+        if latents is None:
+            return super().prepare_latents(image, timestep, batch_size, num_channels_latents, height, width,
+                                           dtype, device, generator)
+        h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        image = image.unsqueeze(2) if image.dim() == 4 else image
+        image = image.to(device=device, dtype=dtype)
+        image_latents = self._encode_vae_image(image=image, generator=generator)
+        image_latents = torch.cat([image_latents] * (batch_size // image_latents.shape[0]), dim=0)
+        image_latents = self._pack_latents(image_latents.transpose(1, 2), batch_size, num_channels_latents, h, w)
+        noise = latents.to(device=device, dtype=dtype)
+        return self.scheduler.scale_noise(image_latents, timestep, noise), noise, image_latents
 
 
-def uncompile(model: LoadedModel) -> None:
-    uncompile_blocks(model.pipe)
-    model.compiled = False
+MOVED = {name: "worker.model" for name in ("LoadedModel", "load_model", "warm_up", "wants_warm_up", "generator",
+                                           "model_path", "free_memory", "count_prompt_tokens")}
 
 
-def count_prompt_tokens(model: LoadedModel, prompt: str) -> int:
-    """The prompt's own tokens, without the pipeline's chat template around it."""
-    return sequence_length(model, prompt) - template_closing_tokens(model)
+def __getattr__(name: str) -> Any:
+    """worker.pipeline held the model's loading until 2026-12 (now worker.model): its names still work here,
+    deprecated."""
+    if name not in MOVED:
+        raise AttributeError(f"module 'worker.pipeline' has no attribute {name!r}")
+    import importlib
+    import warnings
 
-
-def template_closing_tokens(model: LoadedModel) -> int:
-    """Tokens the chat template adds after every prompt (`<|im_end|>`, the assistant's turn): the pipeline keeps them
-    in the sequence that `max_sequence_length` cuts, so they take room from the prompt."""
-    return sequence_length(model, "")
-
-
-def sequence_length(model: LoadedModel, prompt: str) -> int:
-    """The length of the prompt's embeddings: the templated prompt's tokens, less the template's prefix upstream
-    drops (`_get_qwen_prompt_embeds`)."""
-    pipe = model.pipe
-    ids = pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids
-    return len(ids) - pipe.prompt_template_encode_start_idx
-
-
-def generator(seed: int) -> torch.Generator:
-    """A CPU generator: the same seed gives the same noise on every device."""
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def free_memory(device: torch.device) -> None:
-    """Let go of what nothing uses now: unreachable cycles, and on CUDA the allocator's cached blocks."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    warnings.warn(f"worker.pipeline.{name} is deprecated: import it from {MOVED[name]}", DeprecationWarning,
+                  stacklevel=2)
+    return getattr(importlib.import_module(MOVED[name]), name)

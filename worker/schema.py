@@ -167,19 +167,6 @@ class InpaintRequest(BaseModel):
                 raise ValueError(f"each seed must be in [0, 2**63), got {shown_input(seed)}")
         return value
 
-    @field_validator("sigmas")
-    @classmethod
-    def _sigmas_decreasing(cls, value: list[float] | None) -> list[float] | None:
-        if value is None:
-            return value
-        if not value:
-            raise ValueError("must not be empty")
-        if any(not 0 < s <= 1 for s in value):
-            raise ValueError("each sigma must be in (0, 1]")
-        if any(a <= b for a, b in zip(value, value[1:], strict=False)):
-            raise ValueError("must be strictly decreasing")
-        return value
-
     @field_validator("attention_kwargs")
     @classmethod
     def _attention_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -214,16 +201,7 @@ class InpaintRequest(BaseModel):
                 "seed", f"has {len(self.seed)} seeds for {self.image_count} images "
                 "(prompts x num_images_per_prompt); give one int or one seed per image"
             )
-        if self.sigmas is not None and len(self.sigmas) != self.num_inference_steps:
-            raise InvalidRequest(
-                "sigmas", f"has {len(self.sigmas)} values but num_inference_steps is {self.num_inference_steps}; "
-                "give one sigma per step"
-            )
-        if self.steps_run < 1:
-            raise InvalidRequest(
-                "strength", f"{self.strength} x {self.num_inference_steps} steps leaves no step to run; "
-                f"raise strength to at least {1 / self.num_inference_steps:.4g} or add steps"
-            )
+        check_schedule(self.num_inference_steps, self.strength, self.sigmas)
         if self.padding_mask_crop is not None and self.output_type == "latent":
             raise InvalidRequest("padding_mask_crop", "cannot be used with output_type 'latent' (it pastes images)")
         return self
@@ -245,6 +223,31 @@ class InpaintRequest(BaseModel):
 
     def plugin_enabled(self, name: str) -> bool:
         return self.plugins.get(name, True) is not False
+
+
+def check_schedule(num_inference_steps: Any, strength: Any, sigmas: Any) -> None:
+    """The denoising schedule's rules: a request's (whose fields' types and ranges pydantic checked first), and the
+    same for a schedule a preprocess hook changed in `job.params`."""
+    steps = num_inference_steps
+    most = UPPER_BOUNDS["num_inference_steps"][0]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+        raise InvalidRequest("num_inference_steps", f"must be an integer from 1 to {most}, got {shown_input(steps)}")
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise InvalidRequest("strength", f"must be a number in (0, 1], got {shown_input(strength)}")
+    if sigmas is not None:
+        if not isinstance(sigmas, list) or not sigmas or any(isinstance(s, bool) or not isinstance(s, int | float)
+                                                              for s in sigmas):
+            raise InvalidRequest("sigmas", f"must be a non-empty list of numbers, got {shown_input(sigmas)}")
+        if any(not 0 < s <= 1 for s in sigmas):
+            raise InvalidRequest("sigmas", "each sigma must be in (0, 1]")
+        if any(a <= b for a, b in zip(sigmas, sigmas[1:], strict=False)):
+            raise InvalidRequest("sigmas", "must be strictly decreasing")
+        if len(sigmas) != steps:
+            raise InvalidRequest("sigmas", f"has {len(sigmas)} values but num_inference_steps is {steps}; give one "
+                                 "sigma per step")
+    if steps_run(steps, strength) < 1:
+        raise InvalidRequest("strength", f"{strength} x {steps} steps leaves no step to run; raise strength to at "
+                             f"least {1 / steps:.4g} or add steps")
 
 
 def steps_run(num_inference_steps: int, strength: float) -> int:

@@ -14,18 +14,17 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from .errors import InputForbidden, InputNotFound, InvalidRequest, StorageError
 from .inputs import read_data_url
-from .io_pool import time_for_retry
 from .redaction import redacted_reference
+from .retries import with_retries
 from .schema import JOB_ID_PATTERN
 from .settings import Settings
 
@@ -60,34 +59,9 @@ def s3_trouble(error: Exception) -> str | None:
         code = str(error.response.get("Error", {}).get("Code"))
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return None if code in NOT_FOUND or code in FORBIDDEN or status < 500 else f"{code} (HTTP {status})"
+    if isinstance(error, NoCredentialsError):  # no try would find them
+        return None
     return type(error).__name__ if isinstance(error, BotoCoreError) else None
-
-
-def with_retries(settings: Settings, what: str, call: Callable[[], T], trouble: Callable[[Exception], str | None]
-                 = s3_trouble, field: str | None = None, until: float | None = None) -> T:
-    """Run a storage call, retrying what `trouble` names with exponential backoff, a bounded number of times,
-    never past the running job's deadline plus margin (`io_pool.retry_until`) nor `until` (a monotonic time)."""
-    wait = settings.storage_backoff_s
-    for attempt in range(1, settings.storage_attempts + 1):
-        try:
-            return call()
-        except Exception as error:
-            problem = trouble(error)
-            if problem is None:
-                raise
-        failed = f"{what} failed after {attempt} {'try' if attempt == 1 else 'tries'}: {problem}"
-        if attempt == settings.storage_attempts:
-            raise StorageError(failed, field=field)
-        if not time_for_retry(wait):
-            raise StorageError(f"{failed}; no time left for another before the job's deadline (and "
-                               "INPAINT_DEADLINE_MARGIN_S)", field=field)
-        if until is not None and time.monotonic() + wait >= until:
-            raise StorageError(f"{failed}; no time left for another", field=field)
-        log.warning("%s failed (%s); try %d of %d in %.1f s", what, problem, attempt + 1, settings.storage_attempts,
-                    wait)
-        time.sleep(wait)
-        wait *= 2
-    raise AssertionError("unreachable")
 
 
 class StorageFetcher:
@@ -124,7 +98,7 @@ class StorageFetcher:
             return response["Body"].read()
 
         try:
-            return with_retries(self.settings, f"{field}: reading {shown}", get, field=field)
+            return with_retries(self.settings, f"{field}: reading {shown}", get, s3_trouble, field=field)
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code"))
             if code in NOT_FOUND:
@@ -315,7 +289,7 @@ class S3Sink:
         try:
             with_retries(self.settings, f"writing s3://{self.bucket}/{key}",
                          lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
-                                                        ContentType=content_type))
+                                                        ContentType=content_type), s3_trouble)
         except ClientError as error:
             raise StorageError(f"writing s3://{self.bucket}/{key} was refused: "
                                f"{error.response.get('Error', {}).get('Code')}") from None

@@ -19,7 +19,7 @@ from .app import TASK_NAME, app, cancel_key
 from .client import TERMINAL, kwargs_summary
 from .errors import Cancelled, InvalidRequest, JobError, JobFailed
 from .lease import JobLease
-from .pipeline import LoadedModel, load_model, wants_warm_up, warm_up
+from .model import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
 from .redaction import redacted, redacted_text
 from .schema import Progress, parse_request

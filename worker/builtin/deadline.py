@@ -2,7 +2,7 @@
 
 It ends before the images and `result.json` are written; previews from earlier steps stay. Decoding,
 postprocessing and uploads get `INPAINT_DEADLINE_MARGIN_S` more: a job past it when postprocessing
-starts writes nothing either, and no storage retry starts after it (`io_pool.retry_until`).
+starts writes nothing either, and no storage retry starts after it (`retries.retry_until`).
 """
 
 from __future__ import annotations
