@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from worker import storage
+from worker import https_fetch
 from worker.errors import InputForbidden, InputNotFound, InvalidRequest, JobError, StorageError
 from worker.settings import Settings
 from worker.storage import StorageFetcher
@@ -89,7 +89,7 @@ class Server:
 @pytest.fixture
 def server(certificate, monkeypatch) -> Iterator[Server]:
     monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
-    monkeypatch.setattr(storage, "refuse_internal_address", lambda host, field: None)  # loopback only in tests
+    monkeypatch.setattr(https_fetch, "refuse_internal_address", lambda host, field: None)  # loopback only in tests
     running = Server(certificate)
     yield running
     running.httpd.shutdown()
@@ -219,8 +219,9 @@ def test_a_server_error_that_passes_is_retried_until_the_download_succeeds(serve
     assert server.hits["/photo.png"] == 3
 
 
+@pytest.mark.slow
 def test_a_server_that_trickles_bytes_is_cut_off_after_the_overall_bound(server, monkeypatch):
-    monkeypatch.setattr(storage, "HTTPS_FETCH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(https_fetch, "HTTPS_FETCH_TIMEOUT_S", 0.5)
 
     def trickle(handler: BaseHTTPRequestHandler) -> None:
         handler.send_response(200)
@@ -241,8 +242,9 @@ def test_a_server_that_trickles_bytes_is_cut_off_after_the_overall_bound(server,
     assert "0.5 s" in caught.value.message
 
 
+@pytest.mark.slow
 def test_a_server_that_trickles_its_headers_is_cut_off_after_the_overall_bound(server, monkeypatch):
-    monkeypatch.setattr(storage, "HTTPS_FETCH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(https_fetch, "HTTPS_FETCH_TIMEOUT_S", 0.5)
 
     def trickle_headers(handler: BaseHTTPRequestHandler) -> None:
         handler.wfile.write(b"HTTP/1.1 200 OK\r\n")

@@ -11,8 +11,9 @@ import pytest
 
 from tests.support import box_mask, photo, upload
 from worker.errors import InputForbidden
+from worker.https_fetch import refuse_internal_address
 from worker.settings import Settings
-from worker.storage import StorageFetcher, refuse_internal_address
+from worker.storage import StorageFetcher
 
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "169.254.169.254", "10.1.2.3", "192.168.0.1",
@@ -48,6 +49,7 @@ def test_an_allowed_name_that_resolves_inside_is_refused_before_any_request():
     assert caught.value.field == "image" and "127.0.0.1" in caught.value.message
 
 
+@pytest.mark.slow
 def test_redis_with_a_password_works_end_to_end_and_the_password_stays_out(tiny_model_dir, tmp_path, worker_env):
     from worker.app import make_app
     from worker.client import InpaintClient
@@ -76,6 +78,7 @@ def test_redis_with_a_password_works_end_to_end_and_the_password_stays_out(tiny_
         assert password not in text
 
 
+@pytest.mark.slow
 def test_an_s3_input_over_the_size_cap_is_refused(stack):
     from worker.errors import InvalidRequest
 
@@ -89,7 +92,7 @@ def test_an_s3_input_over_the_size_cap_is_refused(stack):
 
 def test_a_failed_https_input_is_reported_without_its_signature(monkeypatch):
     """A signed URL's query is its credential: errors (task state, logs, webhooks, Flower) show the URL without it."""
-    from worker import storage
+    from worker import https_fetch
     from worker.errors import StorageError
 
     listener = socket.socket()
@@ -97,7 +100,7 @@ def test_a_failed_https_input_is_reported_without_its_signature(monkeypatch):
     listener.listen()
     port = listener.getsockname()[1]
     threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True).start()  # no TLS: the fetch fails
-    monkeypatch.setattr(storage, "refuse_internal_address", lambda host, field: None)  # loopback only in tests
+    monkeypatch.setattr(https_fetch, "refuse_internal_address", lambda host, field: None)  # loopback only in tests
     fetcher = StorageFetcher(Settings(http_allow=["127.0.0.1"]), client=object())
     try:
         with pytest.raises(StorageError) as caught:
