@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo up local test lint install clean gpu-wheels
+.PHONY: demo up local test test-fast lint install clean gpu-wheels
 
 $(BIN)/inpaint-worker: pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ local: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the loop while working: all but the tests marked slow (real processes, timeouts); `make test` (and CI) runs all
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check worker tests bench

@@ -17,6 +17,8 @@ from safetensors.torch import save
 
 from tests.support import box_mask, photo, stored_pixels
 
+pytestmark = pytest.mark.slow  # every case goes through a real worker
+
 PNG = io.BytesIO()
 photo().save(PNG, format="PNG")
 PNG = PNG.getvalue()

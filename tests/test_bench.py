@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs each benchmark in a process of its own
+
 ROOT = Path(__file__).parent.parent
 
 

@@ -22,6 +22,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env=env)
 
 
+@pytest.mark.slow
 def test_run_writes_images_and_result_identical_to_a_direct_pipeline_call(tiny_model_dir, tmp_path):
     from diffusers import QwenImageInpaintPipeline
 
@@ -47,6 +48,7 @@ def test_run_writes_images_and_result_identical_to_a_direct_pipeline_call(tiny_m
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "0.png")), np.asarray(expected))
 
 
+@pytest.mark.slow
 def test_run_reports_bad_input_as_json_and_exit_code_2(tiny_model_dir, tmp_path):
     photo().save(tmp_path / "image.png")
     done = cli("run", "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "missing.png"),
@@ -57,6 +59,7 @@ def test_run_reports_bad_input_as_json_and_exit_code_2(tiny_model_dir, tmp_path)
     assert error["code"] == "invalid_request" and error["field"] == "strength"
 
 
+@pytest.mark.slow
 def test_run_exits_1_for_a_job_that_fails_on_a_valid_request(tiny_model_dir, tmp_path):
     photo().save(tmp_path / "image.png")
     done = cli("run", "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "missing.png"),
@@ -66,6 +69,7 @@ def test_run_exits_1_for_a_job_that_fails_on_a_valid_request(tiny_model_dir, tmp
     assert error["code"] == "input_not_found" and error["field"] == "mask_image"
 
 
+@pytest.mark.slow
 def test_run_refuses_a_request_file_that_is_not_a_json_object(tiny_model_dir, tmp_path):
     (tmp_path / "list.json").write_text('["a red barn"]')
     done = cli("run", "--request", str(tmp_path / "list.json"), "--prompt", "x", "--out", str(tmp_path / "out"),
@@ -97,6 +101,7 @@ def test_run_refuses_a_device_as_an_image_without_reading_it(tiny_model_dir, tmp
     assert error["field"] == "image" and "not a regular file" in error["message"]
 
 
+@pytest.mark.slow
 def test_plugins_lists_the_builtins_and_their_hooks():
     done = cli("plugins", "--json")
     assert done.returncode == 0, done.stderr
@@ -105,6 +110,7 @@ def test_plugins_lists_the_builtins_and_their_hooks():
     assert rows["progress"]["hooks"] == ["inpaint_step_end"]
 
 
+@pytest.mark.slow
 def test_plugins_shows_a_blocked_plugin(monkeypatch):
     import os
 
@@ -113,6 +119,7 @@ def test_plugins_shows_a_blocked_plugin(monkeypatch):
     assert rows["paste_back"]["status"] == "blocked"
 
 
+@pytest.mark.slow
 def test_tiny_model_writes_a_loadable_labelled_pipeline(tmp_path):
     done = cli("tiny-model", str(tmp_path / "tiny"))
     assert done.returncode == 0, done.stderr
@@ -122,6 +129,7 @@ def test_tiny_model_writes_a_loadable_labelled_pipeline(tmp_path):
     assert (tmp_path / "tiny" / "TINY_RANDOM_WEIGHTS.json").is_file()
 
 
+@pytest.mark.slow
 def test_an_installed_plugin_is_found_by_entry_point_and_pipeline_loaded_runs_once(tiny_model_dir, tmp_path):
     import os
     import textwrap
@@ -169,6 +177,7 @@ def submit_env(stack, **extra: str) -> dict:
     return {**os.environ, **stack.env(), **extra}
 
 
+@pytest.mark.slow
 def test_submit_sends_a_request_file_with_data_urls_as_they_are(stack, worker, tmp_path):
     from tests.support import data_url
 
@@ -182,6 +191,7 @@ def test_submit_sends_a_request_file_with_data_urls_as_they_are(stack, worker, t
     assert "Traceback" not in done.stderr and "base64" not in done.stderr
 
 
+@pytest.mark.slow
 def test_submit_refuses_a_local_file_that_does_not_exist_before_sending(stack, client, tmp_path):
     from worker.app import submitted_key
 
@@ -196,6 +206,7 @@ def test_submit_refuses_a_local_file_that_does_not_exist_before_sending(stack, c
     assert client.status(job_id).state == "PENDING"
 
 
+@pytest.mark.slow
 def test_submit_refuses_a_local_tensor_file_that_does_not_exist_before_sending(stack, client, tmp_path):
     from worker.app import submitted_key
 
@@ -211,6 +222,7 @@ def test_submit_refuses_a_local_tensor_file_that_does_not_exist_before_sending(s
     assert not client.redis.exists(submitted_key(job_id))
 
 
+@pytest.mark.slow
 def test_submit_exits_2_when_the_worker_refuses_the_request(stack, worker, tmp_path):
     photo().save(tmp_path / "image.png")
     box_mask().save(tmp_path / "mask.png")
@@ -222,6 +234,7 @@ def test_submit_exits_2_when_the_worker_refuses_the_request(stack, worker, tmp_p
     assert status["error"]["field"] == "height"
 
 
+@pytest.mark.slow
 def test_submit_timeout_says_the_job_goes_on_and_exits_3(stack, client, worker, tmp_path):
     photo().save(tmp_path / "image.png")
     box_mask().save(tmp_path / "mask.png")
@@ -263,6 +276,7 @@ def test_a_bad_setting_is_one_line_naming_the_variable_never_its_value():
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+@pytest.mark.slow
 def test_run_with_a_model_that_does_not_exist_is_one_line(tmp_path):
     photo().save(tmp_path / "image.png")
     box_mask().save(tmp_path / "mask.png")

@@ -48,6 +48,7 @@ def test_every_client_call_fails_fast_naming_redis_without_its_password(monkeypa
         assert PASSWORD not in str(error) and PASSWORD not in error.url
 
 
+@pytest.mark.slow
 def test_a_host_that_drops_connections_cannot_hang_submit_or_status():
     # a listener whose accept queue is full: the kernel drops further SYNs, as a firewalled host does
     hole = socket.socket()
@@ -74,6 +75,7 @@ def test_a_host_that_drops_connections_cannot_hang_submit_or_status():
             sock.close()
 
 
+@pytest.mark.slow
 def test_a_client_works_again_once_redis_is_back_and_wait_honours_its_timeout(tmp_path):
     server = RedisServer(tmp_path / "redis")  # its port is chosen; nothing listens there yet
     client = InpaintClient.from_settings(Settings(broker_url=server.url))
@@ -114,6 +116,7 @@ def test_two_different_job_ids_are_refused_before_redis_is_asked():
     assert caught.value.field == "job_id" and "'order-1'" in caught.value.message
 
 
+@pytest.mark.slow
 def test_a_broker_that_takes_the_connection_and_never_answers_cannot_hang_submit(tmp_path):
     silent = socket.socket()  # the kernel completes connects into its backlog; nothing ever replies
     silent.bind(("127.0.0.1", 0))
@@ -132,6 +135,7 @@ def test_a_broker_that_takes_the_connection_and_never_answers_cannot_hang_submit
         silent.close()
 
 
+@pytest.mark.slow
 def test_a_broker_that_stalls_mid_send_fails_submit_within_one_timeout_and_a_retry_sends_the_job(tmp_path):
     broker, backend = RedisServer(tmp_path / "broker").start(), RedisServer(tmp_path / "backend").start()
     try:

@@ -576,6 +576,7 @@ def local_workers(stack, worker_env):
             process.stop()
 
 
+@pytest.mark.slow
 def test_healthcheck_wants_an_answer_from_every_gpu_worker_of_this_host(stack, local_workers):
     code, out = healthcheck(stack.env(CUDA_VISIBLE_DEVICES="0"))
     assert code == 0 and out == f"healthy: gpu0@{HOST} answered", out
@@ -586,11 +587,13 @@ def test_healthcheck_wants_an_answer_from_every_gpu_worker_of_this_host(stack, l
     assert code == 1 and out == "unhealthy: no answer within 3 s from gpu0@elsewhere", out
 
 
+@pytest.mark.slow
 def test_healthcheck_without_gpus_wants_a_cpu_worker_of_this_host(stack, local_workers):
     code, out = healthcheck(stack.env(CUDA_VISIBLE_DEVICES=""))
     assert code == 0 and out == f"healthy: cpu0@{HOST} answered", out
 
 
+@pytest.mark.slow
 def test_healthcheck_stays_healthy_while_a_worker_runs_a_long_job(stack, local_workers):
     from worker.client import InpaintClient
 
@@ -610,6 +613,7 @@ def test_healthcheck_stays_healthy_while_a_worker_runs_a_long_job(stack, local_w
         client.wait(job_id, timeout=60)
 
 
+@pytest.mark.slow
 def test_healthcheck_is_unhealthy_without_the_broker_and_does_not_print_its_password():
     code, out = healthcheck({"CUDA_VISIBLE_DEVICES": "0", "INPAINT_BROKER_URL": "redis://:not-a-real-password@127.0.0.1:1/0"})
     assert code == 1 and out.startswith("unhealthy: cannot ping the workers"), out

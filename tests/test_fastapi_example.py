@@ -17,6 +17,8 @@ from examples.fastapi_backend.app import create_app
 from tests.support import BROKER_PASSWORD, dead_client
 from tests.support import job_request as request
 
+pytestmark = pytest.mark.slow  # the example backend against the real stack
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SLOW = {"testkit": {"step_s": 0.15}}

@@ -15,6 +15,8 @@ import pytest
 
 from tests.support import job_request, outputs, runs, wait_for_step
 
+pytestmark = pytest.mark.slow  # workers killed and stopped, Redis restarted, S3 down, on a stack of its own
+
 HOST = socket.gethostname()
 FAST_RECOVERY = {"INPAINT_VISIBILITY_TIMEOUT_S": "12", "INPAINT_MAX_DEADLINE_S": "8", "INPAINT_DEADLINE_MARGIN_S": "2",
                  "INPAINT_UNACKED_RESTORE_INTERVAL_S": "1", "INPAINT_UNACKED_RESTORE_THROTTLE": "1",

@@ -17,6 +17,8 @@ import pytest
 from tests.support import box_mask, photo, upload
 from worker.stack import FLOWER_CONF, FlowerProcess, free_port, stop_process, wait_started
 
+pytestmark = pytest.mark.slow  # starts Flower beside real workers
+
 pytest.importorskip("flower")
 
 SLOW = {"testkit": {"step_s": 0.15}}

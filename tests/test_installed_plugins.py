@@ -18,6 +18,8 @@ import pytest
 
 from tests.support import box_mask, photo, stored_pixels, upload
 
+pytestmark = pytest.mark.slow  # builds and installs the plugins' wheels, then runs real workers
+
 ROOT = Path(__file__).parent.parent
 SECRET = "webhook-test-secret-5b1e"
 

@@ -80,6 +80,7 @@ sys.exit(launch.launch(Settings(), cpu_workers=2))
 """
 
 
+@pytest.mark.slow
 def test_a_crash_looping_worker_does_not_hold_up_restarting_another_nor_the_shutdown(tmp_path):
     journal = tmp_path / "journal"
     launcher = subprocess.Popen([sys.executable, "-c", SUPERVISED, str(journal)], cwd=Path(__file__).parent.parent,
@@ -102,6 +103,7 @@ def test_a_crash_looping_worker_does_not_hold_up_restarting_another_nor_the_shut
         launcher.wait()
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_both_take_jobs_and_stop_warmly(stack, worker_env, tmp_path):
     from worker.app import make_app
     from worker.client import InpaintClient
@@ -148,6 +150,7 @@ def test_two_cpu_workers_both_take_jobs_and_stop_warmly(stack, worker_env, tmp_p
             launcher.kill()
 
 
+@pytest.mark.slow
 def test_submit_follows_progress_and_prints_the_result(stack, worker, tmp_path):
     photo().save(tmp_path / "photo.png")
     box_mask().save(tmp_path / "mask.png")
@@ -164,6 +167,7 @@ def test_submit_follows_progress_and_prints_the_result(stack, worker, tmp_path):
     assert status["state"] == "SUCCESS" and status["result"]["images"][0]["url"].startswith("http://127.0.0.1")
 
 
+@pytest.mark.slow
 def test_up_demo_runs_the_whole_stack_and_stops_it(tiny_model_dir, tmp_path):
     photo(96, 64).save(tmp_path / "photo.png")
     box_mask(96, 64).save(tmp_path / "mask.png")

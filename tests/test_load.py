@@ -7,7 +7,11 @@ import socket
 import statistics
 import time
 
+import pytest
+
 from tests.support import box_mask, photo, upload
+
+pytestmark = pytest.mark.slow  # two hundred jobs through two real workers
 
 JOBS, CANCELLED = 200, 20
 

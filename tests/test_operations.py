@@ -26,6 +26,7 @@ def scrape(port: int) -> dict[str, float]:
             if line and not line.startswith("#")}
 
 
+@pytest.mark.slow
 def test_metrics_count_jobs_by_outcome_and_time_them(stack, client, worker):
     before = scrape(worker.metrics_port)
     assert client.wait(client.submit(job(stack)), timeout=60).state == "SUCCESS"
@@ -44,6 +45,7 @@ def test_metrics_count_jobs_by_outcome_and_time_them(stack, client, worker):
     assert after["inpaint_model_load_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_a_job_delivered_again_after_it_succeeded_is_not_counted_twice(stack, client, worker):
     job_id = client.submit(job(stack))
     assert client.wait(job_id, timeout=60).state == "SUCCESS"
@@ -59,6 +61,7 @@ def test_a_job_delivered_again_after_it_succeeded_is_not_counted_twice(stack, cl
     ({"INPAINT_MODEL": "/nonexistent/model"}, "/nonexistent/model"),
     ({"INPAINT_OUTPUT_BUCKET": ""}, "INPAINT_OUTPUT_BUCKET"),
 ])
+@pytest.mark.slow
 def test_a_worker_that_cannot_load_exits_saying_why_instead_of_failing_every_job(stack, client, env, named):
     node = f"broken-{time.monotonic_ns()}@{socket.gethostname()}"
     broken = stack.start_worker(node, **env)
@@ -70,12 +73,14 @@ def test_a_worker_that_cannot_load_exits_saying_why_instead_of_failing_every_job
     assert "worker cannot start and exits" in log and named in log, log[-2000:]
 
 
+@pytest.mark.slow
 def test_a_worker_logs_its_model_and_metrics_at_start(worker):
     log = worker.log_path.read_text()
     assert re.search(r"worker ready: model \S+ on cpu loaded in", log), log[-2000:]
     assert f":{worker.metrics_port}/metrics" in log
 
 
+@pytest.mark.slow
 def test_json_logs_carry_the_job_id_on_every_line_of_a_job(stack, client, worker):
     job_id = client.submit(job(stack))
     assert client.wait(job_id, timeout=60).state == "SUCCESS"
@@ -220,6 +225,7 @@ def test_a_lease_renewal_that_fails_logs_the_job_id(json_log, tmp_path, monkeypa
     assert renewals and renewals[0]["job_id"] == "job-44" and "job job-44" in renewals[0]["message"]
 
 
+@pytest.mark.slow
 def test_a_stack_whose_s3_cannot_start_stops_its_redis_and_shows_the_s3_log(tmp_path):
     from worker.stack import LocalStack
 

@@ -18,6 +18,8 @@ from PIL import Image
 from tests.support import box_mask, data_url, objects, photo, runs, wait_for_step
 from tests.support import job_request as request
 
+pytestmark = pytest.mark.slow  # real worker processes behind redis-server and S3
+
 HOST = socket.gethostname()
 SLOW = {"testkit": {"step_s": 0.15}}
 

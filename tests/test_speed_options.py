@@ -114,6 +114,7 @@ def test_an_unknown_attention_backend_is_refused_at_start_naming_the_setting(set
     assert message.startswith("INPAINT_ATTENTION_BACKEND=fastest") and "_native_cudnn" in message
 
 
+@pytest.mark.slow
 def test_compiled_blocks_are_ready_after_warm_up_for_any_size_and_prompt(model, settings):
     """Warm-up compiles every kind of step once: calls of new sizes and prompt lengths compile nothing."""
     from torch._dynamo.utils import counters

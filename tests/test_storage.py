@@ -9,6 +9,8 @@ from worker.errors import InputNotFound, JobError, StorageError
 from worker.stack import free_port
 from worker.storage import S3Sink, StorageFetcher, s3_client
 
+pytestmark = pytest.mark.slow  # S3 over HTTP (moto's server) and retries that wait
+
 
 class RefusingSink(S3Sink):
     """The real S3 sink, with one object's write refused (a fault the test injects: S3 stays real)."""
