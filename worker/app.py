@@ -8,7 +8,6 @@ from celery.signals import setup_logging
 from . import logs
 from .settings import Settings, get_settings
 
-TASK_NAME = "inpaint"
 UNACKED_MUTEX_EXPIRE_S = 30
 CONNECT_TIMEOUT_S = 5.0  # bounds a connect to a Redis host that does not answer (workers and clients)
 CLIENT_SOCKET_TIMEOUT_S = 15.0  # bounds a client's wait for one Redis reply (Celery's default: 120 s)
@@ -89,13 +88,3 @@ def configure_worker_logging(**_: object) -> None:
     """Our format (text or JSON, the job id on every line) instead of Celery's."""
     settings = get_settings()
     logs.configure(settings.log_format, settings.log_level)
-
-
-def cancel_key(job_id: str) -> str:
-    """Set by `InpaintClient.cancel`; checked before a job starts and at every denoising step."""
-    return f"inpaint:cancel:{job_id}"
-
-
-def submitted_key(job_id: str) -> str:
-    """Claimed by `InpaintClient.submit`, so a job id is enqueued once: `sending`, then `sent`."""
-    return f"inpaint:submitted:{job_id}"

@@ -31,33 +31,26 @@ from typing import Any, Literal
 from celery import Celery
 from pydantic import BaseModel
 
-from .app import TASK_NAME, cancel_key, make_app, submitted_key
+from .app import make_app
 from .errors import InvalidRequest
-from .redaction import redacted, redacted_reference
+from .protocol import (
+    CLAIM_HOLD_S,
+    CLAIM_SCRIPT,
+    CLAIMED,
+    SENDING,
+    SUBMITTED_AT,
+    TASK_NAME,
+    TERMINAL,
+    cancel_key,
+    kwargs_summary,
+    submitted_key,
+)
+from .redaction import redacted_reference
 from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, parse_request
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-TERMINAL = {"SUCCESS", "FAILURE", "REVOKED"}
-KWARGSREPR_MAX = 1024  # what Flower shows of a request: a redacted summary, never the request itself
 
-CLAIM_HOLD_S = 30  # how long a submit's claim lasts before its send is confirmed: a caller that died mid-send
-# (a web process killed, a deploy) frees its job id after this, and a retry with the id sends the job
-
-# Claim a job id for sending, dropping a cancel flag left for it (a cancel of an id never submitted lasts
-# result_expires_s), in one step: a cancel sent once the job is claimed is kept. 1: claimed by this call;
-# 2: another call is sending it now; 0: already sent (any other value: a claim of an older client).
-CLAIM_SCRIPT = """
-if redis.call('SET', KEYS[1], 'sending', 'NX', 'EX', ARGV[1]) then
-    redis.call('DEL', KEYS[2])
-    return 1
-end
-if redis.call('GET', KEYS[1]) == 'sending' then
-    return 2
-end
-return 0
-"""
-CLAIMED, SENDING = 1, 2  # and 0: sent
 SEND_TRIES = 3
 UPLOAD_PREFIX = "uploads"
 Source = str | os.PathLike | bytes  # a local file's path, or its bytes
@@ -199,7 +192,7 @@ class InpaintClient:
             try:
                 with self._reaching(self._broker_url):
                     self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id, retry=False,
-                                       headers={"inpaint_submitted_at": time.time()},  # for the queue-wait metric
+                                       headers={SUBMITTED_AT: time.time()},  # for the queue-wait metric
                                        # what task events (Flower) show instead of the request
                                        argsrepr="()", kwargsrepr=kwargs_summary(payload))
                 break
@@ -418,12 +411,6 @@ def put_object(settings: Settings, bucket: str, key: str, data: bytes, content_t
                            ) from None
     except BotoCoreError as error:  # a bad endpoint
         raise StorageError(f"upload to {where} failed: {error}") from None
-
-
-def kwargs_summary(payload: dict) -> str:
-    """The task's kwargs as task events show them: data: URLs by size, URLs without query, secrets hidden."""
-    text = repr({"request": redacted(payload)})
-    return text if len(text) <= KWARGSREPR_MAX else text[:KWARGSREPR_MAX - 3] + "..."
 
 
 def error_of(info: Any) -> dict[str, Any]:

@@ -14,31 +14,10 @@ import threading
 import uuid
 from typing import Any
 
+from .protocol import LEASE_S, RELEASE_LEASE, RENEW_LEASE, lease_key
+
 log = logging.getLogger(__name__)
-LEASE_S = 15  # a dead holder's lease lapses within this
 RENEW_EVERY_S = 5
-
-# KEYS[1]: the lease; ARGV[1]: this holder's token; ARGV[2]: milliseconds. Renew a lease this holder
-# holds, or take it back if it lapsed (Redis away longer than LEASE_S); 0 when another holder took it.
-RENEW = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return 1
-end
-return 0
-"""
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
-def lease_key(job_id: str) -> str:
-    return f"inpaint:running:{job_id}"
-
 
 class JobLease:
     """`acquire` once; while held, a thread renews it every `RENEW_EVERY_S`; `release` ends it."""
@@ -69,14 +48,14 @@ class JobLease:
         self._thread.join()
         self._thread = None
         try:
-            self.redis.eval(RELEASE, 1, self.key, self.token)
+            self.redis.eval(RELEASE_LEASE, 1, self.key, self.token)
         except Exception as error:  # it lapses within LEASE_S
             log.warning("could not release the lease of job %s: %s", self.job_id, error)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(RENEW_EVERY_S):
             try:
-                if not self.redis.eval(RENEW, 1, self.key, self.token, LEASE_S * 1000):
+                if not self.redis.eval(RENEW_LEASE, 1, self.key, self.token, LEASE_S * 1000):
                     log.error("job %s: another worker took its lease (Redis was away longer than %d s); "
                               "two copies may be running", self.job_id, LEASE_S)
                     return

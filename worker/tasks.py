@@ -15,12 +15,12 @@ from celery.signals import task_postrun, worker_init
 from celery.worker.request import Request
 
 from . import job, logs, metrics
-from .app import TASK_NAME, app, cancel_key
-from .client import TERMINAL, kwargs_summary
+from .app import app
 from .errors import Cancelled, InvalidRequest, JobError, JobFailed
 from .lease import JobLease
 from .model import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
+from .protocol import STORE_PROGRESS, SUBMITTED_AT, TASK_NAME, TERMINAL, cancel_key, kwargs_summary
 from .redaction import redacted, redacted_text
 from .schema import Progress, parse_request
 from .settings import get_settings
@@ -195,7 +195,7 @@ def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> 
 
 def queue_wait(request: Any) -> dict[str, float]:
     """Seconds from submit to now, when the job came through InpaintClient.submit (which stamps it)."""
-    submitted = getattr(request, "inpaint_submitted_at", None)  # a header: any sender may set it, to anything
+    submitted = getattr(request, SUBMITTED_AT, None)  # a header: any sender may set it, to anything
     if isinstance(submitted, bool) or not isinstance(submitted, int | float) or not submitted:
         return {}
     return {"queue_wait_s": round(max(0.0, time.time() - submitted), 3)}
@@ -208,22 +208,6 @@ def cancel_requested(redis: Any, job_id: str) -> bool:
     except Exception as error:
         log.warning("could not check for a cancel: %s", error)
         return False
-
-
-# KEYS[1]: the task's state; ARGV: the PROGRESS state, its expiry. A report that comes late (Redis was away)
-# must not replace the outcome: Celery's own store_result guards only SUCCESS, not FAILURE.
-STORE_PROGRESS = """
-local current = redis.call('GET', KEYS[1])
-if current then
-    local status = cjson.decode(current)['status']
-    if status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED' then
-        return 0
-    end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
 
 
 class TaskReporter:
