@@ -193,7 +193,7 @@ def test_submit_sends_a_request_file_with_data_urls_as_they_are(stack, worker, t
 
 @pytest.mark.slow
 def test_submit_refuses_a_local_file_that_does_not_exist_before_sending(stack, client, tmp_path):
-    from worker.app import submitted_key
+    from worker.protocol import submitted_key
 
     box_mask().save(tmp_path / "mask.png")
     job_id = f"typo-{time.monotonic_ns()}"
@@ -208,7 +208,7 @@ def test_submit_refuses_a_local_file_that_does_not_exist_before_sending(stack, c
 
 @pytest.mark.slow
 def test_submit_refuses_a_local_tensor_file_that_does_not_exist_before_sending(stack, client, tmp_path):
-    from worker.app import submitted_key
+    from worker.protocol import submitted_key
 
     photo().save(tmp_path / "image.png")
     box_mask().save(tmp_path / "mask.png")
