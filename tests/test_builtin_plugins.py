@@ -76,6 +76,16 @@ def test_paste_back_outside_pixels_are_the_input_resized_when_the_output_size_di
 # --- auto_crop -------------------------------------------------------------------------------------------------
 
 
+def test_INPAINT_AUTO_CROP_turns_auto_crop_on_for_every_job_and_a_request_can_turn_it_off(runner, settings,
+                                                                                          tmp_path):
+    fields = dict(image=data_url(photo(256, 256)), mask_image=data_url(box_mask(256, 256, (100, 100, 124, 124))))
+    on = settings.model_copy(update={"auto_crop": True})  # what INPAINT_AUTO_CROP=1 gives the worker
+    assert run_job(runner, on, tmp_path / "on", **fields).parameters.padding_mask_crop == 32
+    off = run_job(runner, on, tmp_path / "off", plugins={"auto_crop": {"enabled": False}}, **fields)
+    assert off.parameters.padding_mask_crop is None
+    assert run_job(runner, settings, tmp_path / "default", **fields).parameters.padding_mask_crop is None
+
+
 def test_auto_crop_scales_a_region_over_the_pixel_budget_down_instead_of_failing(runner, settings, tmp_path):
     small = settings.model_copy(update={"max_pixels": 64 * 64})
     source, mask = photo(256, 256), box_mask(256, 256, (100, 100, 124, 124))  # region 88x88 > 64x64 budget

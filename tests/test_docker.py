@@ -47,8 +47,8 @@ QUOTED_SETTING = re.compile(r"""["'](INPAINT_[A-Z0-9_]+)["']""")
 
 def variables_read_by_code() -> set[str]:
     """INPAINT_* names that code under worker/ and plugins/ reads from the environment itself, not through Settings:
-    every quoted name in a module that reads os.environ (`os.environ.get("INPAINT_AUTO_CROP")`, or a constant such as
-    `ENV_SECRET = "INPAINT_WEBHOOK_SECRET"` read with `os.environ.get(ENV_SECRET)`)."""
+    every quoted name in a module that reads os.environ (`os.environ.get("INPAINT_WATERMARK_TEXT")`, or a constant
+    such as `ENV_SECRET = "INPAINT_WEBHOOK_SECRET"` read with `os.environ.get(ENV_SECRET)`)."""
     names = set()
     for path in sorted((ROOT / "worker").rglob("*.py")) + sorted((ROOT / "plugins").rglob("*.py")):
         if {"tests", "build", "__pycache__"} & set(path.relative_to(ROOT).parts):
@@ -412,7 +412,7 @@ def test_compose_passes_the_workers_every_variable_their_plugins_read_from_the_e
     # compose gives a container only the variables its environment names: one missing from the list is silently
     # ignored when the operator sets it in docker/.env (a watermark that never shows, unsigned webhooks)
     read = variables_read_by_code()
-    assert {"INPAINT_AUTO_CROP", "INPAINT_WATERMARK_TEXT", "INPAINT_WEBHOOK_SECRET"} <= read, "the scan finds nothing"
+    assert {"INPAINT_WATERMARK_TEXT", "INPAINT_WEBHOOK_SECRET"} <= read, "the scan finds nothing"
     for name in ("worker", "worker-gpu0"):
         passed = set(environment(services()[name]))
         assert sorted(read - passed) == [], f"read by the workers' code but not passed to {name} by compose.yaml"

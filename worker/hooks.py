@@ -9,13 +9,26 @@ job with that error. The hooks that tell of an outcome (`inpaint_job_finished`,
 
 A plugin implementing a hook not listed here (a misspelling) or a hook wrapper is reported
 as failed and skipped when it loads.
+
+The worker calls implementations one by one (worker.plugins.JobHooks) rather than through `pm.hook.name()`:
+pluggy calls the last registered first, gives every implementation the same arguments (our postprocess and step
+hooks chain: each sees the previous one's result), and raises a plugin's error without naming the plugin.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # for editors and type checkers: plugins receive these, they need not import them
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from .errors import JobError
+    from .job import Job
+    from .schema import InpaintResult
+    from .settings import Settings
 
 PROJECT = "inpaint_worker"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -23,7 +36,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def inpaint_pipeline_loaded(pipe: Any, settings: Any) -> None:
+def inpaint_pipeline_loaded(pipe: DiffusionPipeline, settings: Settings) -> None:
     """Once per worker process, after the pipeline is loaded and before the first job.
 
     Load LoRA weights, pick an attention backend, compile. Return nothing. A plugin that raises
@@ -32,7 +45,7 @@ def inpaint_pipeline_loaded(pipe: Any, settings: Any) -> None:
 
 
 @hookspec
-def inpaint_preprocess(job: Any) -> None:
+def inpaint_preprocess(job: Job) -> None:
     """Before the pipeline runs, in registration order (built-ins first).
 
     Edit `job.image`, `job.mask` (PIL images) and `job.params` (pipeline keyword arguments,
@@ -42,7 +55,7 @@ def inpaint_preprocess(job: Any) -> None:
 
 
 @hookspec
-def inpaint_step_end(job: Any, step: int, total_steps: int, timestep: Any, latents: Any) -> dict | None:
+def inpaint_step_end(job: Job, step: int, total_steps: int, timestep: Any, latents: Any) -> dict[str, Any] | None:
     """After each denoising step (bridged from diffusers' `callback_on_step_end`). Keep it cheap.
 
     `step` counts from 1 to `total_steps` (the steps that really run) for image `job.image_index`;
@@ -52,7 +65,7 @@ def inpaint_step_end(job: Any, step: int, total_steps: int, timestep: Any, laten
 
 
 @hookspec
-def inpaint_postprocess(job: Any, images: list) -> list | None:
+def inpaint_postprocess(job: Job, images: list[Image.Image | Any]) -> list[Image.Image | Any] | None:
     """After the pipeline, once per job with all its images (PIL, or tensors for output_type latent).
 
     Overlays go here. Return a new list of the same length, each item like the one it replaces
@@ -63,7 +76,7 @@ def inpaint_postprocess(job: Any, images: list) -> list | None:
 
 
 @hookspec
-def inpaint_job_finished(job: Any, result: Any) -> None:
+def inpaint_job_finished(job: Job, result: InpaintResult) -> None:
     """After the outputs are written; `result` is the `InpaintResult`. Return nothing.
 
     Errors raised here are logged only: the job has succeeded, and the other plugins still hear of it.
@@ -71,7 +84,7 @@ def inpaint_job_finished(job: Any, result: Any) -> None:
 
 
 @hookspec
-def inpaint_job_failed(job: Any, error: Any) -> None:
+def inpaint_job_failed(job: Job, error: JobError) -> None:
     """When a job fails from fetching its inputs on (not one refused at its first checks, or cancelled while
     queued); `error` is the `JobError` it ends with. Errors raised here are logged only, and
     the other plugins still hear of it."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from pydantic import BaseModel
 
 from .checks import check_ready, refuse_non_finite, replaced_latents, same_images
 from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
@@ -72,6 +73,7 @@ class Job:
     state: dict[str, Any] = field(default_factory=dict)  # scratch space for plugins
     cancel_requested: Callable[[], bool] = lambda: False
     worker: dict[str, Any] = field(default_factory=dict)  # node, queue wait: recorded in the result
+    settings: Settings | None = None  # the worker's settings (read them; a job changes none)
     pipe: Any = None  # the pipeline, for plugins that need its parts (e.g. previews use the VAE)
     sink: OutputSink | None = None  # where this job's files go; plugins may add their own (previews)
 
@@ -98,8 +100,9 @@ class Job:
         negative = self.request.negative_prompt is not None or self.request.negative_prompt_embeds is not None
         return self.request.true_cfg_scale > 1 and negative
 
-    def options(self, plugin: str) -> Any:
-        """This job's options for `plugin`: its `Options` model with defaults filled in, or the raw dict."""
+    def options(self, plugin: str) -> BaseModel | dict[str, Any]:
+        """This job's options for `plugin`: its `Options` model, validated with defaults filled in (also for
+        `"name": true` or no entry); for a plugin without an `Options` model, the request's dict (`{}` for true)."""
         options = self.plugin_options.get(plugin, {})
         return options if options is not True else {}
 
@@ -151,7 +154,8 @@ def start(request: InpaintRequest, model: LoadedModel, plugins: Plugins, setting
     return Job(id=job_id or request.job_id or uuid.uuid4().hex, request=request, limits=limits, tracker=tracker,
                deadline_s=deadline_s, deadline=tracker.started + deadline_s,
                stop_at=tracker.started + deadline_s + settings.deadline_margin_s, plugin_options=options,
-               plugins=[name for name in plugins.names if request.plugin_enabled(name)], params=params)
+               plugins=[name for name in plugins.names if request.plugin_enabled(name)], params=params,
+               settings=settings)
 
 
 def guidance_scale(request: InpaintRequest, model: LoadedModel) -> float | None:

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated plugin names never to load"
     )
     progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress reports")
+    auto_crop: bool = Field(False, description="The auto_crop plugin on for every job (a request's option overrides)")
     prompt_cache_size: int = Field(32, ge=0, description="Prompts whose embeddings are kept for reuse (0: off)")
     batch_cfg: bool = Field(True, description="Run true CFG's cond and uncond passes as one batch of two")
     attention_backend: str | None = Field(

@@ -12,7 +12,6 @@ sets `height` or `width` itself asks for that output size, so it is not cropped.
 from __future__ import annotations
 
 import logging
-import os
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON types, as the request
 
-    enabled: bool = Field(default_factory=lambda: os.environ.get("INPAINT_AUTO_CROP", "").lower() in ("1", "true"))
+    enabled: bool | None = Field(None, description="default: the worker's INPAINT_AUTO_CROP")
     margin: int = Field(32, ge=1, le=1024, description="Context around the mask, in pixels")
     max_fraction: float = Field(0.25, gt=0, le=1, description="Crop only when the region is at most this much of "
                                                               "the image")
@@ -41,8 +40,9 @@ def crop_size(mask_box: tuple[int, int, int, int], image_size: tuple[int, int], 
 @hookimpl
 def inpaint_preprocess(job) -> None:
     options = job.options("auto_crop")
+    enabled = job.settings.auto_crop if options.enabled is None else options.enabled
     box = job.mask.getbbox()
-    if not options.enabled or job.params.get("padding_mask_crop") is not None or box is None \
+    if not enabled or job.params.get("padding_mask_crop") is not None or box is None \
             or job.request.output_type == "latent" \
             or job.request.height is not None or job.request.width is not None:  # the job chose its size
         return
