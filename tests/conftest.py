@@ -41,6 +41,17 @@ def runner(model, plugins, settings, tmp_path) -> Runner:
     return Runner(model, plugins, settings, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def direct_pipe(tiny_model_dir):
+    """Upstream's `QwenImageInpaintPipeline`, untouched, on the same weights: what a job is compared with."""
+    import torch
+    from diffusers import QwenImageInpaintPipeline
+
+    pipe = QwenImageInpaintPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # --- the queue: a private redis-server, a loopback S3 endpoint, real worker processes -------------------------
 
 PLUGIN_SITE = Path(__file__).parent / "plugin_site"

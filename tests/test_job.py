@@ -23,16 +23,6 @@ from worker.outputs import DirectorySink
 NO_PASTE = {"paste_back": False}
 
 
-@pytest.fixture(scope="module")
-def direct_pipe(tiny_model_dir):
-    """The upstream pipeline class, untouched, on the same weights."""
-    from diffusers import QwenImageInpaintPipeline
-
-    pipe = QwenImageInpaintPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def direct(pipe, seed: int, **kwargs) -> list[np.ndarray]:
     kwargs.setdefault("image", photo())
     kwargs.setdefault("mask_image", box_mask())

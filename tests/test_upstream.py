@@ -7,7 +7,6 @@ import inspect
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from tests.support import data_url, photo
@@ -15,16 +14,6 @@ from worker.model import generator
 from worker.pipeline import InpaintPipeline
 
 NO_PASTE = {"paste_back": False}
-
-
-@pytest.fixture(scope="module")
-def direct_pipe(tiny_model_dir):
-    """Upstream's class, untouched, loaded from the same model directory."""
-    from diffusers import QwenImageInpaintPipeline
-
-    pipe = QwenImageInpaintPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def circle_mask(size: int = 64) -> Image.Image:
