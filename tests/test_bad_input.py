@@ -215,6 +215,21 @@ def test_an_s3_key_is_everything_after_the_bucket_byte_for_byte(stack, client, w
     assert status.state == "SUCCESS", status.error
 
 
+@pytest.mark.parametrize(("args", "kwargs", "got"), [
+    ((), {"prompt": "a quince", "image": "s3://inputs/a.png", "mask_image": "s3://inputs/m.png"},
+     "keyword arguments ['image', 'mask_image', 'prompt']"),  # the request's fields flat, as a Node client may send
+    ((), {}, "no arguments"),
+    (({"prompt": "a quince"},), {}, "1 positional argument"),
+])
+def test_a_message_without_one_request_argument_is_an_invalid_request(client, worker, args, kwargs, got):
+    job_id = f"misaddressed-{time.monotonic_ns()}"
+    client.app.send_task("inpaint", args=args, kwargs=kwargs, task_id=job_id)  # was a bare TypeError, no code
+    status = client.wait(job_id, timeout=60)
+    assert status.state == "FAILURE" and status.error["code"] == "invalid_request", status.error
+    assert status.error["field"] == "request" and "one keyword argument, request" in status.error["message"]
+    assert got in status.error["message"]
+
+
 def test_the_worker_serves_the_next_job_after_all_that(client, worker):
     assert send(client, GOOD).state == "SUCCESS"
     assert client.app.control.ping(destination=[worker.node], timeout=2)

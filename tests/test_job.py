@@ -505,3 +505,23 @@ def test_a_failed_jobs_tensors_are_freed_when_it_ends_not_at_the_next_garbage_co
         assert freed and freed[0]() is None
     finally:
         gc.enable()
+
+
+def test_a_job_without_a_negative_prompt_logs_no_warning_that_true_cfg_is_off(runner):
+    import logging
+
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_inpaint
+
+    heard: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = heard.append
+    pipeline_qwenimage_inpaint.logger.addHandler(listener)
+    try:  # the result says whether true CFG ran (parameters.true_cfg): upstream's warning on every such job is noise
+        result = runner.run(true_cfg_scale=4.0, num_inference_steps=2)
+        low = runner.run(true_cfg_scale=1.0, negative_prompt="blurry", num_inference_steps=2)
+    finally:
+        pipeline_qwenimage_inpaint.logger.removeHandler(listener)
+    assert result.parameters.true_cfg is False and result.parameters.true_cfg_scale == 4.0
+    assert low.parameters.true_cfg is False
+    assert np.array_equal(runner.pixels(low), runner.pixels(runner.run(true_cfg_scale=1.0, num_inference_steps=2)))
+    assert not [record for record in heard if "guidance" in record.getMessage()], [r.getMessage() for r in heard]

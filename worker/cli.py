@@ -148,17 +148,18 @@ def read_request_file(path: str) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import job
-    from .inputs import LocalFetcher
-    from .model import load_model
-    from .outputs import DirectorySink
-    from .plugins import Plugins
     from .settings import Settings
-    from .tracking import no_reporter
 
     settings = Settings(**({"model": args.model} if args.model else {}))
     try:
-        request = build_request(args)
+        request = build_request(args)  # a bad request file is refused before torch is imported (seconds)
+        from . import job
+        from .inputs import LocalFetcher
+        from .model import load_model
+        from .outputs import DirectorySink
+        from .plugins import Plugins
+        from .tracking import no_reporter
+
         plugins = Plugins(blocked=settings.plugins_blocked)
         try:
             model = load_model(settings, plugins)
@@ -304,7 +305,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     flower = not args.demo and importlib.util.find_spec("flower") is not None
     if not args.demo and not flower:
         print("note: Flower is not installed (pip install flower), so the stack runs without it", file=sys.stderr)
-    stack = LocalStack(flower=flower).start()
+    stack = LocalStack(flower=flower, page=not args.demo).start()
     try:
         client = InpaintClient(make_app(stack.settings(), client=True))
         node = f"local@{socket.gethostname()}"

@@ -220,18 +220,20 @@ def pipeline_kwargs(job: Job, prompt_index: int, seed: int) -> dict[str, Any]:
     request, t = job.request, job.tensors
     kwargs = dict(job.params, image=job.image, mask_image=job.mask, generator=generator(seed),
                   num_images_per_prompt=1, output_type="latent" if request.output_type == "latent" else "pil")
+    if not job.true_cfg:  # no CFG runs: the scale and any negative prompt go unused, and upstream would warn of it
+        kwargs["true_cfg_scale"] = 1.0  # on every such job (the result's parameters.true_cfg says what ran)
     if "prompt_embeds" in t:
         kwargs["prompt_embeds"] = t["prompt_embeds"][prompt_index:prompt_index + 1]
         if "prompt_embeds_mask" in t:
             kwargs["prompt_embeds_mask"] = t["prompt_embeds_mask"][prompt_index:prompt_index + 1]
     else:
         kwargs["prompt"] = pick(request.prompt, prompt_index)
-    if "negative_prompt_embeds" in t:
+    if job.true_cfg and "negative_prompt_embeds" in t:
         row = prompt_index if t["negative_prompt_embeds"].shape[0] > 1 else 0
         kwargs["negative_prompt_embeds"] = t["negative_prompt_embeds"][row:row + 1]
         if "negative_prompt_embeds_mask" in t:
             kwargs["negative_prompt_embeds_mask"] = t["negative_prompt_embeds_mask"][row:row + 1]
-    elif request.negative_prompt is not None:
+    elif job.true_cfg and request.negative_prompt is not None:
         kwargs["negative_prompt"] = pick(request.negative_prompt, prompt_index)
     if "latents" in t:
         row = job.image_index if t["latents"].shape[0] > 1 else 0

@@ -97,13 +97,25 @@ class RedactedRequest(Request):
 
 
 @app.task(name=TASK_NAME, bind=True, throws=(JobFailed,), Request=RedactedRequest)  # JobFailed: logged, no traceback
-def inpaint(self: Any, request: dict) -> dict:
+def inpaint(self: Any, *args: Any, request: Any = None, **kwargs: Any) -> dict:
+    """One job: `request` is its only argument. Anything else a sender may put in a message (positional
+    arguments, the request's fields flat as keyword arguments, no request) fails as `invalid_request`."""
     token = logs.current_job.set(self.request.id)
     try:
+        if args or kwargs or request is None:
+            raise JobFailed.from_error(misaddressed(args, kwargs))
         take_the_job(self)
         return run_counted(self, request)
     finally:
         logs.current_job.reset(token)
+
+
+def misaddressed(args: tuple, kwargs: dict) -> InvalidRequest:
+    """What a message that does not hold one `request` keyword argument is told (a plain send_task's mistake)."""
+    got = ", ".join([f"{len(args)} positional argument{'s' * (len(args) != 1)}"] * bool(args)
+                    + [f"keyword arguments {sorted(kwargs)[:8]}"] * bool(kwargs)) or "no arguments"
+    return InvalidRequest("request", f"the task takes one keyword argument, request (the request as a JSON object): "
+                          f"send_task('{TASK_NAME}', kwargs={{'request': {{...}}}}); got {got}")
 
 
 def take_the_job(task: Any) -> None:
