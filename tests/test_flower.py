@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -100,8 +101,10 @@ def test_the_worker_is_online_during_a_long_job_and_the_finished_task_is_listed(
     task = poll(lambda: (t := api(flower, "/api/tasks").get(job_id)) and t["state"] == "SUCCESS" and t)
     assert task, api(flower, "/api/tasks").get(job_id)
     assert task["name"] == "inpaint" and task["worker"] == worker.node
-    # the result as Flower keeps it: the images' URLs without their signatures (the task state has them)
-    assert f"/{job_id}/0.png?..." in task["result"] and "Signature" not in json.dumps(task), task["result"][:500]
+    # the result as Flower keeps it: a line that fits (Celery's repr of the result dict was cut at 1 KB), no signature
+    assert re.fullmatch(rf"1 image 64x64 png in [\d.]+ s \(40 steps\): s3://outputs/\S+/{job_id}/0\.png",
+                        task["result"]), task["result"]
+    assert "Signature" not in json.dumps(task)
     assert task["runtime"] > 40 * 0.15 * 0.5  # 40 slow steps ran in it
 
 
@@ -179,4 +182,54 @@ def test_a_job_that_fails_shows_no_result_not_its_last_progress(stack, client, w
     client.cancel(job_id)
     assert client.wait(job_id, timeout=60).state == "FAILURE"
     task = poll(lambda: (t := api(flower, f"/api/task/info/{job_id}")) and t["state"] == "FAILURE" and t)
-    assert task and task["result"] is None and "cancelled" in task["exception"], task
+    assert task and task["result"].startswith("failed: cancelled: ") and "cancelled" in task["exception"], task
+    assert "denoising" not in task["result"]
+
+
+def task_rows(flower: FlowerProcess, search: str) -> dict[str, dict]:
+    """The Tasks page's rows for a search, fetched as the page fetches them (its datatable endpoint)."""
+    query = urllib.parse.urlencode({"draw": 1, "start": 0, "length": 100, "search[value]": search,
+                                    "order[0][column]": 0, "order[0][dir]": "desc", "columns[0][data]": "received"})
+    return {row["uuid"]: row for row in api(flower, f"/tasks/datatable?{query}")["data"]}
+
+
+def test_the_task_list_shows_a_running_jobs_stage_and_step_and_a_failures_code(stack, client, worker, flower):
+    assert poll(lambda: api(flower, "/api/workers?status=1").get(worker.node) is True), "Flower hears no events"
+    page = get(flower, "/tasks?state=PROGRESS", flower.credentials)[1].decode()
+    assert ">Result<" in page and ">Started<" in page  # flower.cfg's columns
+    job_id = client.submit({"prompt": "a plum", "image": upload(stack, "flower-photo.png", photo()),
+                            "mask_image": upload(stack, "flower-mask.png", box_mask()), "seed": 1,
+                            "num_inference_steps": 40, "strength": 1.0, "plugins": SLOW})
+    running = poll(lambda: (row := task_rows(flower, "state:PROGRESS").get(job_id))
+                   and re.fullmatch(r"denoising: step \d+ of 40, about \d+ s left", row["result"] or "") and row)
+    assert running, task_rows(flower, "").get(job_id)
+    client.cancel(job_id)
+    bad = client.app.send_task("inpaint", kwargs={"request": {"prompt": "a plum", "image": "data:image/png;base64,AAAA",
+                                                              "mask_image": "s3://inputs/flower-mask.png"}})
+    assert client.wait(bad.id, timeout=60).state == "FAILURE"
+    failed = poll(lambda: (row := task_rows(flower, "state:FAILURE").get(bad.id)) and row)
+    assert failed and failed["result"].startswith("failed: invalid_request (image): image: "), failed
+
+
+def test_a_copy_of_a_job_that_ended_changes_nothing_flower_shows(stack, client, worker, flower):
+    assert poll(lambda: api(flower, "/api/workers?status=1").get(worker.node) is True), "Flower hears no events"
+    request = {"prompt": "a fig", "image": upload(stack, "flower-photo.png", photo()),
+               "mask_image": upload(stack, "flower-mask.png", box_mask()), "seed": 1, "num_inference_steps": 2}
+    job_id = client.submit(request)
+    assert client.wait(job_id, timeout=60).state == "SUCCESS"
+    before = poll(lambda: (t := api(flower, f"/api/task/info/{job_id}")) and t["state"] == "SUCCESS" and t)
+    received = poll(lambda: get_workers(flower).get(worker.node, {}).get("task-received"))
+
+    client.app.send_task("inpaint", kwargs={"request": request}, task_id=job_id)  # a copy: a lost ack, a double send
+    after_it = client.submit(request)  # the worker takes messages in order: once this one ran, the copy was dropped
+    assert client.wait(after_it, timeout=60).state == "SUCCESS"
+    assert poll(lambda: (t := api(flower, f"/api/task/info/{after_it}")) and t["state"] == "SUCCESS")
+    after = api(flower, f"/api/task/info/{job_id}")
+    assert (after["state"], after["received"], after["started"], after["succeeded"]) == \
+        (before["state"], before["received"], before["started"], before["succeeded"])
+    assert get_workers(flower)[worker.node]["task-received"] == received + 1  # the new job only, not the copy
+
+
+def get_workers(flower: FlowerProcess) -> dict[str, dict]:
+    """The Workers page's rows by worker, with their event counters ("task-received" is its Processed column)."""
+    return {row["hostname"]: row for row in api(flower, "/workers?json=1")["data"]}

@@ -21,7 +21,8 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
     lost); a client that did the same would hang a web request for minutes (`status` took 95 s).
     """
     # the task module (which needs torch) is imported by workers only, never by clients
-    app = Celery("inpaint_worker", broker=settings.broker_url, backend=settings.backend_url, include=["worker.tasks"])
+    app = Celery("inpaint_worker", broker=settings.broker_url, backend=settings.backend_url, include=["worker.tasks"],
+                 events=None if client else "worker.lease:CopyAwareEvents")
     app.conf.update(
         # JSON only: a pickled message is refused before anything is executed
         task_serializer="json",

@@ -4,6 +4,9 @@ Redis can hand out a running job a second time: when a worker's broker connectio
 the job's message back in the queue at once, and the threads pool cannot stop the copy already
 running. The copy that finds the lease taken waits for the holder to end instead of running too.
 A holder that dies stops renewing, so its lease lapses within `LEASE_S` and the job runs again.
+
+A copy sends no task events (`CopyAwareEvents`, `copy_received`): Flower would take its received and started
+times for the job's, and count it as one more job processed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import threading
 import uuid
 from typing import Any
 
-from .protocol import LEASE_S, RELEASE_LEASE, RENEW_LEASE, lease_key
+from celery.app.events import Events
+from celery.events.dispatcher import EventDispatcher
+
+from .protocol import LEASE_S, RELEASE_LEASE, RENEW_LEASE, TERMINAL, lease_key
 
 log = logging.getLogger(__name__)
 RENEW_EVERY_S = 5
@@ -61,3 +67,39 @@ class JobLease:
                     return
             except Exception as error:  # Redis away for a moment: try again at the next renewal
                 log.warning("could not renew the lease of job %s: %s", self.job_id, error)
+
+
+# job ids whose next task-received event is a copy's: Celery sends it right after the task_received signal, from the
+# same thread, through the consumer's dispatcher
+_silenced_receipts: set[str] = set()
+
+
+def copy_received(app: Any, job_id: str) -> bool:
+    """Whether a message just received is a copy of a job that ended or runs elsewhere (its outcome stored, or its
+    lease held); its task-received event is not sent. Redis away: not a copy (the task's own checks still hold)."""
+    backend = app.backend
+    try:
+        with backend.client.pipeline(transaction=False) as pipe:
+            meta, held = pipe.get(backend.get_key_for_task(job_id)).exists(lease_key(job_id)).execute()
+        state = backend.decode(meta)["status"] if meta else None
+    except Exception as error:
+        log.warning("could not tell whether job %s is a copy: %s", job_id, error)
+        return False
+    if state in TERMINAL or held:
+        _silenced_receipts.add(job_id)
+        return True
+    return False
+
+
+class CopyAwareDispatcher(EventDispatcher):
+    def send(self, type: str, *args: Any, **fields: Any) -> Any:
+        if type == "task-received" and fields.get("uuid") in _silenced_receipts:
+            _silenced_receipts.discard(fields["uuid"])
+            return None
+        return super().send(type, *args, **fields)
+
+
+class CopyAwareEvents(Events):
+    """The workers' events: a copy's task-received event is dropped (see `copy_received`)."""
+
+    dispatcher_cls = "worker.lease:CopyAwareDispatcher"

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery.exceptions import Ignore
-from celery.signals import task_postrun, worker_init
+from celery.signals import task_postrun, task_received, worker_init
 from celery.worker.request import Request
 
 from . import job, logs, metrics
 from .app import app
 from .errors import Cancelled, InvalidRequest, JobError, JobFailed
-from .lease import JobLease
+from .lease import JobLease, copy_received
 from .model import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
 from .protocol import STORE_PROGRESS, SUBMITTED_AT, TASK_NAME, TERMINAL, cancel_key, kwargs_summary
@@ -81,19 +81,38 @@ def load_before_the_first_job(**_: Any) -> None:
         raise SystemExit(1) from None
 
 
+# what Flower shows as a job's result once it ended (its result field is a repr cut at 1 KB): set by the task, sent
+# with its task-succeeded or task-failed event
+_outcome_lines: dict[str, str] = {}
+
+
 class RedactedRequest(Request):
     """A job as `inspect active/reserved` (Flower's worker page) shows it: the request redacted, whoever sent it;
-    and its result as the task-succeeded event (Flower, its database) carries it: URLs without their signatures."""
+    as its events carry it to Flower (and its database): the outcome in a line, URLs without their signatures; and
+    a copy's events not at all (worker/lease.py)."""
+
+    inpaint_copy = False  # set when the message was received: a copy of a job that ended or runs elsewhere
 
     def info(self, safe: bool = False) -> dict:
         return {**super().info(safe=True), "args": "()", "kwargs": kwargs_summary(self._kwargs.get("request"))}
 
     def send_event(self, type: str, **fields: Any) -> None:
-        if type == "task-succeeded" and isinstance(fields.get("result"), str):  # the result's repr
-            fields["result"] = redacted_text(fields["result"])
-        elif type in ("task-failed", "task-revoked"):  # no result: not the last progress line (a task's result field
-            fields.setdefault("result", None)            # shows it while the job runs)
+        if type == "task-started" and self.inpaint_copy:  # it waits or is dropped; if it runs, its outcome is sent
+            return
+        if type in ("task-succeeded", "task-failed"):
+            shown = _outcome_lines.pop(self.id, None)
+            fields["result"] = redacted_text(shown if shown is not None else str(fields.get("result") or "")) or None
+        elif type == "task-revoked":  # not the last progress line (a task's result field shows it while it runs)
+            fields.setdefault("result", None)
         super().send_event(type, **fields)
+
+
+@task_received.connect
+def mark_copies(request: Any, **_: Any) -> None:
+    """A message of a job that ended, or runs on another worker, is a copy: its events would change what Flower
+    shows of the job."""
+    if request.name == TASK_NAME and copy_received(request.app, request.id):
+        request.inpaint_copy = True
 
 
 @app.task(name=TASK_NAME, bind=True, throws=(JobFailed,), Request=RedactedRequest)  # JobFailed: logged, no traceback
@@ -105,9 +124,26 @@ def inpaint(self: Any, *args: Any, request: Any = None, **kwargs: Any) -> dict:
         if args or kwargs or request is None:
             raise JobFailed.from_error(misaddressed(args, kwargs))
         take_the_job(self)
-        return run_counted(self, request)
+        result = run_counted(self, request)
+        _outcome_lines[self.request.id] = result_line(result)
+        return result
+    except JobFailed as failed:
+        _outcome_lines[self.request.id] = f"failed: {failed.code}" + (f" ({failed.field})" if failed.field else "") + \
+            f": {failed.message[:600]}"
+        raise
     finally:
         logs.current_job.reset(token)
+
+
+def result_line(result: dict) -> str:
+    """A finished job in a line, as Flower shows it: `2 images 768x576 png in 12.3 s (30 steps, true CFG): s3://...`."""
+    parameters, images = result["parameters"], result["images"]
+    where = ", ".join(image["location"] for image in images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3
+                                                                     else "")
+    cfg = ", true CFG" if parameters["true_cfg"] else ""
+    return (f"{len(images)} image{'s' * (len(images) != 1)} {parameters['width']}x{parameters['height']} "
+            f"{parameters['output_type']} in {result['timings']['total']:.1f} s ({parameters['steps_run']} "
+            f"steps{cfg}): {where}")
 
 
 def misaddressed(args: tuple, kwargs: dict) -> InvalidRequest:
