@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel
 
+from .adapters import plan_adapters, use_adapters
 from .checks import check_ready, refuse_non_finite, replaced_latents, same_images
 from .errors import InternalError, InvalidRequest, JobError, OutOfMemory
 from .inputs import Fetcher, decode_image, load_tensor
@@ -35,6 +36,8 @@ from .redaction import redacted
 from .retries import retry_until
 from .schema import (
     REFERENCE_FIELDS,
+    AdapterRef,
+    AdapterUsed,
     EffectiveParameters,
     ImageOutput,
     InpaintRequest,
@@ -76,6 +79,9 @@ class Job:
     settings: Settings | None = None  # the worker's settings (read them; a job changes none)
     pipe: Any = None  # the pipeline, for plugins that need its parts (e.g. previews use the VAE)
     sink: OutputSink | None = None  # where this job's files go; plugins may add their own (previews)
+    adapters: list[AdapterRef | dict] = field(default_factory=list)  # LoRAs from the library: preprocess hooks may edit
+    adapters_used: list[AdapterUsed] = field(default_factory=list)  # what ran: name, sha256, scale, shift
+    scheduler_shift: float | None = None  # the schedule the adapters ask for (fast mode's); None: the model's own
 
     @property
     def image_count(self) -> int:
@@ -98,7 +104,7 @@ class Job:
     def true_cfg(self) -> bool:
         """True CFG runs only with true_cfg_scale > 1 and a negative prompt: upstream is silent otherwise."""
         negative = self.request.negative_prompt is not None or self.request.negative_prompt_embeds is not None
-        return self.request.true_cfg_scale > 1 and negative
+        return self.params["true_cfg_scale"] > 1 and negative  # fast mode turns it off
 
     def options(self, plugin: str) -> BaseModel | dict[str, Any]:
         """This job's options for `plugin`: its `Options` model, validated with defaults filled in (also for
@@ -124,8 +130,9 @@ def run(request: dict | InpaintRequest, *, model: LoadedModel, plugins: Plugins,
         load_inputs(job, fetcher)
         job.tracker.enter("preprocessing")
         hooks.call("inpaint_preprocess", job=job)
+        use_adapters(job, model)
         job.items = plan_images(job.request, check_ready(job, model))
-        job.tracker.plan(job.image_count, job.steps_run)
+        job.tracker.plan(job.image_count, job.steps_run, job.params["width"] * job.params["height"])
         images = generate(job, model, hooks)
         job.tracker.enter("postprocessing")
         images = hooks.chain("inpaint_postprocess", "images", images, same_images, job=job)
@@ -151,11 +158,12 @@ def start(request: InpaintRequest, model: LoadedModel, plugins: Plugins, setting
     deadline_s = request.deadline_s or settings.max_deadline_s
     params = {name: getattr(request, name) for name in PIPELINE_FIELDS}
     params["guidance_scale"] = guidance_scale(request, model)
+    adapters = plan_adapters(request, settings, params)  # fast mode: its adapter, steps, no true CFG
     return Job(id=job_id or request.job_id or uuid.uuid4().hex, request=request, limits=limits, tracker=tracker,
                deadline_s=deadline_s, deadline=tracker.started + deadline_s,
                stop_at=tracker.started + deadline_s + settings.deadline_margin_s, plugin_options=options,
                plugins=[name for name in plugins.names if request.plugin_enabled(name)], params=params,
-               settings=settings)
+               settings=settings, adapters=adapters)
 
 
 def guidance_scale(request: InpaintRequest, model: LoadedModel) -> float | None:
@@ -205,7 +213,7 @@ def generate(job: Job, model: LoadedModel, hooks: JobHooks) -> list[Any]:
         for index, (prompt_index, seed) in enumerate(job.items):
             job.image_index = index
             job.tracker.enter("encoding")
-            with model.pipe.mask_grid_as(job.request.mask_grid):
+            with model.pipe.mask_grid_as(job.request.mask_grid), model.pipe.scheduler_shift_as(job.scheduler_shift):
                 result = model.pipe(**pipeline_kwargs(job, prompt_index, seed),
                                     callback_on_step_end=step_callback(job, hooks),
                                     callback_on_step_end_tensor_inputs=["latents"])
@@ -285,9 +293,10 @@ def write_outputs(job: Job, model: LoadedModel, images: list[Any], sink: OutputS
         parameters=EffectiveParameters(
             width=width, height=height, processing_width=job.params["width"], processing_height=job.params["height"],
             num_inference_steps=job.params["num_inference_steps"], strength=job.params["strength"],
-            steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=request.true_cfg_scale,
+            steps_run=job.steps_run, true_cfg=job.true_cfg, true_cfg_scale=job.params["true_cfg_scale"],
             guidance_scale=job.params["guidance_scale"] if model.guidance_distilled else None,
-            padding_mask_crop=job.params["padding_mask_crop"], mask_grid=request.mask_grid, images=len(outputs),
+            padding_mask_crop=job.params["padding_mask_crop"], mask_grid=request.mask_grid, mode=request.mode,
+            adapters=job.adapters_used, images=len(outputs),
             seeds=[s for _, s in job.items], output_type=request.output_type, plugins=job.plugins),
         timings=job.tracker.finish(),
         model=model.describe(),
