@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -125,7 +126,11 @@ def test_events_stream_progress_then_done(stack, worker, http):
         events = sse(response.read().decode())
 
     names = [name for name, _ in events]
-    assert names[-1] == "done" and names.count("done") == 1 and set(names[:-1]) == {"progress"}, names
+    assert names[-1] == "done" and names.count("done") == 1 and "progress" in names, names
+    # `state` (the status while queued or starting) only before the first progress
+    assert set(names[:-1]) <= {"state", "progress"} and "state" not in names[names.index("progress"):], names
+    assert all(data["job_id"] == job_id and data["state"] in ("PENDING", "STARTED")
+               for name, data in events if name == "state"), events
     steps = [data["step"] for name, data in events if name == "progress" and data["stage"] == "denoising"]
     assert len(set(steps)) >= 2 and steps == sorted(steps), steps
     final = events[-1][1]
@@ -188,3 +193,69 @@ def test_an_idempotency_key_with_a_trailing_newline_is_refused():
                           dead_client(), idempotency_key="order-1\n")
     assert response.status_code == 422
     assert json.loads(response.body)["error"]["field"] == "Idempotency-Key"
+
+
+# --- what the page needs: the page itself, the request's schema with the service's limits, presigned uploads, CORS ---
+
+@pytest.fixture(scope="module")
+def page_http(client, stack):
+    with TestClient(create_app(client, settings=stack.settings(max_steps=30, input_max_bytes=100_000),
+                               cors_origins=["http://app.example"])) as test_client:
+        yield test_client
+
+
+def test_the_page_and_its_files_are_served(page_http):
+    response = page_http.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert '<form id="job-form"' in response.text and "/static/page.js" in response.text
+    assert page_http.get("/static/page.js").status_code == 200
+    assert "/uploads" in page_http.get("/openapi.json").json()["paths"]  # documented at /docs
+
+
+def test_the_request_schema_carries_the_services_own_limits_and_defaults(page_http):
+    schema = page_http.get("/request-schema").json()
+    steps = schema["properties"]["num_inference_steps"]
+    assert steps["default"] == 50 and steps["minimum"] == 1 and steps["maximum"] == 30  # INPAINT_MAX_STEPS
+    assert schema["properties"]["strength"]["maximum"] == 1 and schema["properties"]["strength"]["default"] == 0.6
+    deadline = [branch for branch in schema["properties"]["deadline_s"]["anyOf"] if branch["type"] == "number"]
+    assert deadline[0]["maximum"] == 1800
+    assert schema["x-limits"]["upload_max_bytes"] == 100_000 and "image/jpeg" in schema["x-limits"]["upload_types"]
+
+
+def test_an_upload_goes_from_the_caller_straight_to_s3_with_a_presigned_post(page_http, stack, monkeypatch):
+    from worker.stack import TEST_CREDENTIALS
+
+    for name, value in TEST_CREDENTIALS.items():  # the backend signs with its own S3 credentials
+        monkeypatch.setenv(name, value)
+    response = page_http.post("/uploads", json={"content_type": "image/png", "size": 1000})
+    assert response.status_code == 201, response.text
+    grant = response.json()
+    assert grant["reference"].startswith("s3://inputs/uploads/page/") and grant["reference"].endswith(".png")
+    body = b"\x89PNG" + bytes(996)
+    sent = httpx.post(grant["url"], data=grant["fields"], files={"file": ("mask.png", body, "image/png")})
+    assert sent.status_code in (200, 201, 204), sent.text
+    key = grant["reference"].removeprefix("s3://inputs/")
+    stored = stack.s3.client().get_object(Bucket="inputs", Key=key)
+    assert stored["Body"].read() == body and stored["ContentType"] == "image/png"
+
+
+def test_an_upload_of_another_type_or_over_the_size_is_refused_naming_the_field(page_http):
+    response = page_http.post("/uploads", json={"content_type": "image/gif", "size": 10})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "content_type"
+    assert "image/jpeg" in response.json()["error"]["message"]
+    response = page_http.post("/uploads", json={"content_type": "image/jpeg", "size": 100_001})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "size"
+    assert "100000" in response.json()["error"]["message"]
+
+
+def test_cors_lets_only_the_configured_origins_call_the_api(page_http):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    allowed = page_http.options("/jobs", headers={"Origin": "http://app.example", **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://app.example"
+    other = page_http.options("/jobs", headers={"Origin": "http://elsewhere.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_the_stacks_buckets_let_a_page_on_loopback_upload_and_download(stack):
+    rules = stack.s3.client().get_bucket_cors(Bucket="inputs")["CORSRules"]
+    assert "http://127.0.0.1:*" in rules[0]["AllowedOrigins"] and "POST" in rules[0]["AllowedMethods"]

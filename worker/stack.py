@@ -216,6 +216,46 @@ class FlowerProcess:
         stop_process(self.process)
 
 
+class PageServer:
+    """The reference web backend (examples/fastapi_backend) and its page for people, under uvicorn on loopback. It
+    needs the source checkout and the web extras (fastapi, uvicorn: `pip install -e '.[test]'`)."""
+
+    APP = "examples.fastapi_backend.app:app"
+    ROOT = Path(__file__).resolve().parent.parent
+
+    def __init__(self, env: dict[str, str], directory: Path):
+        self.env, self.directory = env, directory
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        import importlib.util
+
+        return (cls.ROOT / "examples" / "fastapi_backend" / "app.py").is_file() and all(
+            importlib.util.find_spec(name) is not None for name in ("fastapi", "uvicorn"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 60) -> PageServer:
+        import urllib.request
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log_path = self.directory / "page.log"
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", self.APP, "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=self.ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT)
+        wait_started(lambda: urllib.request.urlopen(self.url, timeout=1).status == 200, timeout, "the page (uvicorn)",
+                     self.process, log_path)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
 def executable(name: str) -> str:
     """How to run console script `name` from any shell: its absolute path beside the running Python (a venv's
     bin/, which need not be on PATH), else on PATH; else the module through this Python."""
@@ -230,7 +270,7 @@ class LocalStack:
     BUCKETS = ("inputs", "outputs")
 
     def __init__(self, directory: Path | None = None, model: str | None = None, flower: bool = False,
-                 redis_appendonly: bool = False, redis_password: str | None = None):
+                 redis_appendonly: bool = False, redis_password: str | None = None, page: bool = False):
         self.directory = Path(directory or tempfile.mkdtemp(prefix="inpaint-stack-"))
         self.redis = RedisServer(self.directory / "redis", appendonly=redis_appendonly, password=redis_password)
         self.s3 = S3Server(self.directory / "s3")
@@ -238,6 +278,8 @@ class LocalStack:
         self.workers: list[WorkerProcess] = []
         # started before any worker, so it sees every event (Flower knows only what it has seen)
         self.flower = FlowerProcess(self.redis.url, self.directory / "flower") if flower else None
+        self.page_wanted = page
+        self.page: PageServer | None = None
 
     def start(self) -> LocalStack:
         try:
@@ -246,6 +288,8 @@ class LocalStack:
             self.create_buckets()
             if self.flower:
                 self.flower.start()
+            if self.page_wanted and PageServer.available():
+                self.page = PageServer(self.env(), self.directory / "page").start()
         except BaseException:
             self.stop()  # nothing left running when a part cannot start (or on Ctrl-C while starting)
             raise
@@ -255,6 +299,11 @@ class LocalStack:
         client = self.s3.client()
         for bucket in self.BUCKETS:
             client.create_bucket(Bucket=bucket)
+            # the page's browser uploads inputs and downloads results straight from S3, from the page's origin
+            client.put_bucket_cors(Bucket=bucket, CORSConfiguration={"CORSRules": [{
+                "AllowedOrigins": ["http://127.0.0.1:*", "http://localhost:*"],
+                "AllowedMethods": ["GET", "PUT", "POST"], "AllowedHeaders": ["*"], "ExposeHeaders": ["ETag"],
+                "MaxAgeSeconds": 600}]})
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {**TEST_CREDENTIALS, "INPAINT_BROKER_URL": self.redis.url, "INPAINT_S3_ENDPOINT_URL": self.s3.endpoint,
@@ -277,6 +326,12 @@ class LocalStack:
         (absolute paths, quoted values; no virtual environment need be active)."""
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env().items())
         lines = []
+        if self.page:
+            lines.append(f"Page:    {self.page.url} (upload a photo, paint the mask, watch it paint; the API's docs at "
+                         f"{self.page.url}docs)")
+        elif self.page_wanted:
+            lines.append("Page:    not started: it needs the source checkout and fastapi and uvicorn "
+                         "(pip install -e '.[test]')")
         if self.flower:
             lines.append(f"Flower:  {self.flower.url} (user {self.flower.user}, password {self.flower.password}; "
                          f"generated for this run; log: {self.flower.directory / 'flower.log'})")
@@ -291,6 +346,8 @@ class LocalStack:
                           "Ctrl-C stops everything."])
 
     def stop(self) -> None:
+        if self.page:
+            self.page.stop()
         if self.flower:
             self.flower.stop()
         for worker in self.workers:

@@ -1,43 +1,69 @@
-"""A reference web backend over `InpaintClient`: submit, poll, stream progress (SSE) and cancel inpainting jobs.
+"""A reference web backend over `InpaintClient`: submit, poll, stream progress (SSE) and cancel inpainting jobs, hand
+out presigned uploads, and serve a page for people at `/` (static/: plain HTML and JavaScript, no build step).
 
     INPAINT_BROKER_URL=redis://localhost:6379/0 uvicorn examples.fastapi_backend.app:app
 
-It imports only the light client: no torch, no model, so it runs in any web container.
+It imports only the light client: no torch, no model, so it runs in any web container. The page's own settings:
+`CORS_ALLOW_ORIGINS` (comma-separated origins that may call this API from another site; none by default) and
+`UPLOAD_ENDPOINT_URL` (the S3 endpoint as browsers reach it, when it differs from `INPAINT_S3_ENDPOINT_URL`, as
+MinIO's in a compose network does).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from worker.client import InpaintClient, JobStatus, RedisUnavailable
 from worker.errors import JobError
-from worker.schema import JOB_ID_PATTERN
+from worker.schema import JOB_ID_PATTERN, UPPER_BOUNDS, InpaintRequest
+from worker.settings import Settings
 
 POLL_S = 0.25
 # proxies and load balancers drop connections that stay silent for a minute or so; a comment line keeps it open
 KEEPALIVE_S = 15.0
+STATIC = Path(__file__).resolve().parent / "static"
+# what the worker decodes (PIL: PNG, JPEG, WebP); the page uploads photos as they are and masks as PNG
+UPLOAD_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+UPLOAD_PREFIX = "uploads/page"
+UPLOAD_EXPIRES_S = 600
 
 router = APIRouter()
 
 
-def create_app(client: InpaintClient | None = None) -> FastAPI:
-    """The app; without `client` one is made from the `INPAINT_*` environment on the first request."""
-    app = FastAPI(title="Inpainting jobs", description="Qwen-Image inpainting jobs over InpaintClient")
+def create_app(client: InpaintClient | None = None, settings: Settings | None = None,
+               cors_origins: list[str] | None = None) -> FastAPI:
+    """The app; without `client` one is made from the `INPAINT_*` environment on the first request, and without
+    `settings` (S3 endpoint, input bucket, the workers' caps) the client's, else the environment's, when first needed.
+    `cors_origins` (default: `CORS_ALLOW_ORIGINS`, comma-separated) may call the API from pages of other sites."""
+    app = FastAPI(title="Inpainting jobs", description="Qwen-Image inpainting jobs over InpaintClient: submit, "
+                  "follow, cancel, and presigned uploads of their inputs. The page for people is at `/`.")
     app.state.client = client
+    app.state.settings = settings
     # requests run in a thread pool, so two first requests could otherwise build two clients
     app.state.client_lock = threading.Lock()
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    origins = cors_origins if cors_origins is not None else _names(os.environ.get("CORS_ALLOW_ORIGINS", ""))
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Content-Type", "Idempotency-Key"], expose_headers=["Location"])
     # FastAPI's own validation errors (a body that is not a JSON object) get the same shape as the worker's
     app.add_exception_handler(RequestValidationError, _validation_error)
     # Redis away: 503 at once (the client fails within seconds), not a 500 after minutes
@@ -54,7 +80,86 @@ def inpaint_client(request: Request) -> InpaintClient:
     return state.client
 
 
+def service_settings(request: Request) -> Settings:
+    state = request.app.state
+    if state.settings is None:
+        client = state.client or inpaint_client(request)
+        state.settings = client.settings or Settings()
+    return state.settings
+
+
 Client = Annotated[InpaintClient, Depends(inpaint_client)]
+ServiceSettings = Annotated[Settings, Depends(service_settings)]
+
+
+@router.get("/", include_in_schema=False)
+def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+@router.get("/request-schema")
+def request_schema(settings: ServiceSettings) -> dict[str, Any]:
+    """`InpaintRequest`'s JSON schema with the service's own caps as `maximum` (the workers' `INPAINT_MAX_*` where
+    lower than the schema's bounds), and `x-limits`: the pixel budget and what an upload may be. The page builds
+    its form from it, so the page never holds a copy of a limit or a default."""
+    schema = InpaintRequest.model_json_schema()
+    caps = {name: most for name, (most, _) in UPPER_BOUNDS.items()}
+    caps["num_inference_steps"] = min(caps["num_inference_steps"], settings.max_steps)
+    caps["num_images_per_prompt"] = min(caps["num_images_per_prompt"], settings.max_images)
+    caps["deadline_s"] = settings.max_deadline_s
+    for name, most in caps.items():
+        field = schema["properties"].get(name)
+        for branch in (field or {}).get("anyOf", [field] if field else []):
+            if branch.get("type") in ("integer", "number"):
+                branch["maximum"] = most
+    schema["x-limits"] = {"max_pixels": settings.max_pixels, "max_steps": settings.max_steps,
+                          "max_images": settings.max_images, "max_deadline_s": settings.max_deadline_s,
+                          "upload_max_bytes": settings.input_max_bytes, "upload_types": sorted(UPLOAD_TYPES)}
+    return schema
+
+
+class UploadRequest(BaseModel):
+    content_type: str = Field(description="The file's type: image/png, image/jpeg or image/webp")
+    size: int = Field(gt=0, description="The file's size in bytes, at most the workers' INPAINT_INPUT_MAX_BYTES")
+
+
+class Upload(BaseModel):
+    method: Literal["POST"] = "POST"
+    url: str = Field(description="Where the browser POSTs the form: `fields`, then the file as `file`")
+    fields: dict[str, str]
+    reference: str = Field(description="The `s3://` reference to put in the request's `image` or `mask_image`")
+    max_bytes: int
+    expires_s: int
+
+
+@router.post("/uploads", status_code=201, response_model=Upload, responses={422: {}, 503: {}})
+def create_upload(body: UploadRequest, settings: ServiceSettings) -> Any:
+    """A presigned POST into the workers' first input bucket: the browser sends the file straight to S3, and the job
+    refers to it by `reference`. The policy holds the type and the size range, so S3 (AWS, MinIO) refuses any other
+    file; both are checked here first, to answer next to the field at once."""
+    if body.content_type not in UPLOAD_TYPES:
+        return _error(422, "invalid_request", "content_type", f"{body.content_type!r:.80} is not an image the "
+                      f"workers read: use one of {', '.join(sorted(UPLOAD_TYPES))}")
+    if body.size > settings.input_max_bytes:
+        return _error(422, "invalid_request", "size", f"the file is {body.size} bytes, over the "
+                      f"{settings.input_max_bytes}-byte limit of an input")
+    if not settings.input_buckets:
+        return _error(503, "unavailable", None, "no input bucket to upload to: set INPAINT_INPUT_BUCKETS")
+    bucket, key = settings.input_buckets[0], f"{UPLOAD_PREFIX}/{uuid.uuid4().hex}{UPLOAD_TYPES[body.content_type]}"
+    post = _upload_s3(settings).generate_presigned_post(
+        bucket, key, Fields={"Content-Type": body.content_type}, ExpiresIn=UPLOAD_EXPIRES_S,
+        Conditions=[{"Content-Type": body.content_type}, ["content-length-range", 1, settings.input_max_bytes]])
+    return Upload(url=post["url"], fields=post["fields"], reference=f"s3://{bucket}/{key}",
+                  max_bytes=settings.input_max_bytes, expires_s=UPLOAD_EXPIRES_S)
+
+
+def _upload_s3(settings: Settings) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # the browser must reach the URL it is given: behind a proxy or in compose, S3 has another name for it
+    endpoint = os.environ.get("UPLOAD_ENDPOINT_URL") or settings.s3_endpoint_url
+    return boto3.client("s3", endpoint_url=endpoint, config=Config(signature_version="s3v4"))
 
 
 @router.post("/jobs", status_code=202)
@@ -100,8 +205,9 @@ async def job_events(
     client: Client,
     timeout: Annotated[float, Query(gt=0, le=86400, description="Close the stream after this many seconds")] = 3600.0,
 ) -> Response:
-    """Server-sent events: `progress` whenever the progress changes, then one `done` (or `timeout`, or `error`
-    when Redis is lost during the stream), then close. An id nobody submitted is a 404; Redis away, a 503."""
+    """Server-sent events: `state` (the status) while the job is queued or starting and whenever that changes,
+    `progress` whenever the progress changes, then one `done` (or `timeout`, or `error` when Redis is lost during
+    the stream), then close. An id nobody submitted is a 404; Redis away, a 503."""
     if not (await run_in_threadpool(client.status, job_id)).submitted:
         return _not_found(job_id)
     return StreamingResponse(
@@ -115,6 +221,7 @@ async def job_events(
 async def _events(client: InpaintClient, job_id: str, timeout: float) -> AsyncIterator[str]:
     deadline = time.monotonic() + timeout
     last_progress: dict[str, Any] | None = None
+    last_state: dict[str, Any] | None = None
     last_sent = time.monotonic()
     while True:
         try:
@@ -127,10 +234,15 @@ async def _events(client: InpaintClient, job_id: str, timeout: float) -> AsyncIt
             yield _event("done", _dump(status))
             return
         progress = status.progress.model_dump(mode="json", exclude_none=True) if status.progress else None
+        # queued or starting: the whole status, so a queue position appears wherever the client reports one
+        state = _dump(status) if progress is None else None
         now = time.monotonic()
         if progress is not None and progress != last_progress:
             last_progress, last_sent = progress, now
             yield _event("progress", progress)
+        elif state is not None and state != last_state:
+            last_state, last_sent = state, now
+            yield _event("state", state)
         elif now - last_sent >= KEEPALIVE_S:
             last_sent = now
             yield ": keepalive\n\n"
@@ -139,6 +251,10 @@ async def _events(client: InpaintClient, job_id: str, timeout: float) -> AsyncIt
             yield _event("timeout", _dump(status))
             return
         await anyio.sleep(POLL_S)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _event(name: str, data: dict[str, Any]) -> str:

@@ -1,0 +1,189 @@
+"""The example backend's page in a real browser (Debian's chromium, driven by Playwright) against the real stack:
+redis-server, the loopback S3 endpoint (uploads go from the browser straight to it) and a worker on the tiny model.
+
+Each test saves screenshots under its temporary folder. With `PAGE_SCREENSHOTS=docs`, the painting, running and
+result moments are saved there too (that is how docs/page-*.png are made).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from tests.support import photo
+
+pytestmark = pytest.mark.slow  # a browser, the backend under uvicorn, a worker
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' (playwright)")
+expect = playwright_api.expect
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# the system browser, never a downloaded one; nothing but loopback is reachable, so nothing else is tried
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+WAIT_MS = 120_000  # the longest a step of the page may take to show (a cold worker on two CPU cores)
+SLOW_STEPS = {"testkit": {"step_s": 0.3}}  # a big model's pace, so the page can watch the steps and cancel
+DOCS_SHOTS = os.environ.get("PAGE_SCREENSHOTS")
+
+
+@pytest.fixture(scope="module")
+def page_url(stack, worker, tmp_path_factory):
+    from worker.stack import PageServer
+
+    server = PageServer(stack.env(), tmp_path_factory.mktemp("page")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser at {CHROMIUM} (Debian: apt-get install chromium)")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, page_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    expect.set_options(timeout=WAIT_MS)
+    page.goto(page_url)
+    expect(page.locator("#f-prompt")).to_be_visible()  # the form is built from the service's schema
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def phone_photo(tmp_path) -> Path:
+    """A JPEG stored landscape (320x240) that its EXIF orientation (6: turn 90° clockwise) shows as portrait."""
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo(320, 240, seed=3).save(path, quality=92, exif=exif)
+    return path
+
+
+def shot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=path, full_page=True)
+    if DOCS_SHOTS:
+        shutil.copy(path, Path(DOCS_SHOTS) / f"page-{name}.png")
+
+
+def paint(page, strokes: list[tuple[float, float, float, float]], brush: int = 30) -> dict:
+    """Mouse strokes over the photo, each from (x0, y0) to (x1, y1) in fractions of its shown size."""
+    page.locator("#brush-size").fill(str(brush))
+    box = page.locator("#mask").bounding_box()
+    for x0, y0, x1, y1 in strokes:
+        page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y1 * box["height"], steps=12)
+        page.mouse.up()
+    return box
+
+
+def fill(page, **values) -> None:
+    page.locator("#advanced summary").click()  # open, so every field is visible to fill
+    for name, value in values.items():
+        page.locator(f"[id='f-{name}']").fill(str(value))
+
+
+def start_job(page, photo_path: Path, **values) -> dict:
+    page.set_input_files("#photo", photo_path)
+    expect(page.locator("#painter")).to_be_visible()
+    box = paint(page, [(0.2, 0.3, 0.8, 0.35), (0.5, 0.6, 0.5, 0.9)])
+    fill(page, prompt="a bowl of ripe oranges", seed=7, **values)
+    return box
+
+
+def distance_to_strokes(shape: tuple[int, int], segments) -> np.ndarray:
+    """Each pixel's distance (in pixels) to the nearest of the segments, given in fractions of the picture."""
+    height, width = shape
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    nearest = np.full(shape, np.inf)
+    for x0, y0, x1, y1 in segments:
+        a, b = np.array([x0 * width, y0 * height]), np.array([x1 * width, y1 * height])
+        along = np.clip(((x - a[0]) * (b[0] - a[0]) + (y - a[1]) * (b[1] - a[1])) / max(np.sum((b - a) ** 2), 1e-9),
+                        0, 1)
+        nearest = np.minimum(nearest, np.hypot(x - (a[0] + along * (b[0] - a[0])), y - (a[1] + along * (b[1] - a[1]))))
+    return nearest
+
+
+def test_paint_submit_watch_and_download_keeps_the_photo_outside_the_strokes(page, phone_photo, tmp_path):
+    strokes = [(0.2, 0.3, 0.8, 0.35), (0.5, 0.6, 0.5, 0.9)]
+    box = start_job(page, phone_photo, num_inference_steps=12, strength=1, preview_every=2,
+                    plugins=json.dumps(SLOW_STEPS))
+    shown = Image.open(phone_photo)
+    upright = ImageOps.exif_transpose(shown).convert("RGB")
+    # the page shows the photo as the phone took it: portrait, as its EXIF orientation says
+    assert upright.size == (240, 320)
+    assert abs(box["width"] / box["height"] - 240 / 320) < 0.02, box
+    shot(page, tmp_path, "painting")
+
+    page.locator("#submit").click()
+    expect(page.locator("#job-state")).to_contain_text("Painting: step")
+    first = int(page.locator("#job-progress").get_attribute("value") or 0)
+    page.wait_for_function("first => document.getElementById('job-progress').value > first", arg=first)
+    # a preview arrived from S3 and the browser decoded it
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
+    expect(page.locator("#job-facts")).to_contain_text("Time left")
+    shot(page, tmp_path, "running")
+
+    expect(page.locator("#result")).to_be_visible()
+    expect(page.locator("#job-state")).to_have_text("Done.")
+    page.wait_for_function("() => document.getElementById('after').naturalWidth > 0")
+    expect(page.locator("#parameters")).to_contain_text("12 run of 12")
+    expect(page.locator("#history-list")).to_contain_text("a bowl of ripe oranges")
+    shot(page, tmp_path, "result")
+
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    result = np.asarray(Image.open(saved).convert("RGB")).astype(int)
+    original = np.asarray(upright).astype(int)
+    assert result.shape == original.shape
+    distance = distance_to_strokes(result.shape[:2], strokes)
+    brush = 30 * upright.width / box["width"]  # the brush's width in the photo's pixels
+    away = distance > brush / 2 + 6  # past the stroke's edge (anti-aliased, then thresholded by the worker)
+    assert away.mean() > 0.5
+    assert np.array_equal(result[away], original[away]), "pixels away from the strokes changed"
+    under = distance < brush / 4
+    assert np.abs(result[under] - original[under]).mean() > 1, "nothing was painted under the strokes"
+
+
+def test_cancel_a_running_job_from_the_page(page, phone_photo, tmp_path, client):
+    start_job(page, phone_photo, num_inference_steps=40, strength=1, plugins=json.dumps(SLOW_STEPS))
+    page.locator("#submit").click()
+    expect(page.locator("#job-state")).to_contain_text("Painting: step")
+    page.locator("#cancel").click()
+    expect(page.locator("#job-state")).to_have_text("Cancelled.")
+    expect(page.locator("#result")).to_be_hidden()
+    shot(page, tmp_path, "cancelled")
+    job_id = page.evaluate("() => current.id")
+    status = client.status(job_id)
+    assert status.state == "FAILURE" and status.error["code"] == "cancelled", status
+    assert (status.progress is None) and status.result is None
+
+
+def test_an_invalid_value_is_explained_next_to_its_field(page, phone_photo, tmp_path):
+    start_job(page, phone_photo, strength=1.5)
+    page.locator("#submit").click()
+    message = page.locator("[id='err-strength']")
+    expect(message).to_contain_text("less than or equal to 1")
+    expect(page.locator("#f-strength")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#f-strength")).to_be_focused()
+    # the message is the field's description, read out with it
+    assert "err-strength" in page.locator("#f-strength").get_attribute("aria-describedby")
+    expect(page.locator("#job")).to_be_hidden()
+    shot(page, tmp_path, "invalid")
