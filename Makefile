@@ -24,8 +24,13 @@ local: install
 	$(BIN)/inpaint-worker run --image examples/sample.png --mask examples/sample-mask.png \
 		--prompt "a red barn with a white door" --set seed=7 --set num_inference_steps=20 --out out/local
 
-test: install
+test: install tests/node_client/node_modules
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# celery-node, for the test of a backend in another language (locked, no download addresses recorded)
+tests/node_client/node_modules: tests/node_client/package-lock.json
+	npm ci --prefix tests/node_client --no-audit --no-fund --loglevel=error
+	touch $@
 
 # the loop while working: all but the tests marked slow (real processes, timeouts); `make test` (and CI) runs all
 test-fast: install

@@ -233,3 +233,20 @@ def test_a_copy_of_a_job_that_ended_changes_nothing_flower_shows(stack, client, 
 def get_workers(flower: FlowerProcess) -> dict[str, dict]:
     """The Workers page's rows by worker, with their event counters ("task-received" is its Processed column)."""
     return {row["hostname"]: row for row in api(flower, "/workers?json=1")["data"]}
+
+
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_flower_shows_a_request_redacted_whoever_sent_it(stack, client, worker, flower, protocol):
+    from worker.app import make_app
+
+    assert poll(lambda: api(flower, "/api/workers?status=1").get(worker.node) is True), "Flower hears no events"
+    sender = make_app(stack.settings(), client=True)
+    sender.conf.task_protocol = protocol  # protocol 1 messages carry the whole request as their repr
+    request = {"prompt": "a pear as in https://cdn.example.com/p.png?X-Amz-Signature=Zq9secret",
+               "image": upload(stack, "flower-photo.png", photo()),
+               "mask_image": upload(stack, "flower-mask.png", box_mask()), "num_inference_steps": 2}
+    sent = sender.send_task("inpaint", kwargs={"request": request})  # no kwargsrepr, as celery-node sends it
+    assert client.wait(sent.id, timeout=60).state == "SUCCESS"
+    task = poll(lambda: (t := api(flower, f"/api/task/info/{sent.id}")) and t["state"] == "SUCCESS" and t)
+    assert task and "a pear as in https://cdn.example.com/p.png?..." in task["kwargs"], task
+    assert "Zq9secret" not in json.dumps(task)

@@ -108,10 +108,15 @@ class RedactedRequest(Request):
 
 
 @task_received.connect
-def mark_copies(request: Any, **_: Any) -> None:
-    """A message of a job that ended, or runs on another worker, is a copy: its events would change what Flower
-    shows of the job."""
-    if request.name == TASK_NAME and copy_received(request.app, request.id):
+def on_received(request: Any, **_: Any) -> None:
+    """Before Celery tells of a message (its task-received event): the request as events may show it, redacted,
+    whoever sent it (a protocol 1 message's repr is the whole request, signed URLs and all; a client such as
+    celery-node sets no kwargsrepr); and whether it is a copy of a job that ended or runs on another worker, whose
+    events would change what Flower shows of the job."""
+    if request.name != TASK_NAME:
+        return
+    request._argsrepr, request._kwargsrepr = "()", kwargs_summary(request.kwargs.get("request"))
+    if copy_received(request.app, request.id):
         request.inpaint_copy = True
 
 
