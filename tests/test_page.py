@@ -1,15 +1,16 @@
 """The example backend's page in a real browser (Debian's chromium, driven by Playwright) against the real stack:
 redis-server, the loopback S3 endpoint (uploads go from the browser straight to it) and a worker on the tiny model.
 
-Each test saves screenshots under its temporary folder. With `PAGE_SCREENSHOTS=docs`, the painting, running and
-result moments are saved there too (that is how docs/page-*.png are made).
+Each test saves screenshots under its temporary folder. `PAGE_SCREENSHOTS=docs` runs one more test that takes the
+README's pictures of the page (docs/page-*.png) with the example photo.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +74,10 @@ def phone_photo(tmp_path) -> Path:
     return path
 
 
-def shot(page, tmp_path: Path, name: str) -> None:
+def shot(page, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.png"
     page.screenshot(path=path, full_page=True)
-    if DOCS_SHOTS:
-        shutil.copy(path, Path(DOCS_SHOTS) / f"page-{name}.png")
+    return path
 
 
 def paint(page, strokes: list[tuple[float, float, float, float]], brush: int = 30) -> dict:
@@ -96,6 +96,7 @@ def fill(page, **values) -> None:
     page.locator("#advanced summary").click()  # open, so every field is visible to fill
     for name, value in values.items():
         page.locator(f"[id='f-{name}']").fill(str(value))
+    page.locator("#advanced summary").click()
 
 
 def start_job(page, photo_path: Path, **values) -> dict:
@@ -187,3 +188,49 @@ def test_an_invalid_value_is_explained_next_to_its_field(page, phone_photo, tmp_
     assert "err-strength" in page.locator("#f-strength").get_attribute("aria-describedby")
     expect(page.locator("#job")).to_be_hidden()
     shot(page, tmp_path, "invalid")
+
+
+def test_up_serves_the_page_and_prints_its_url(tmp_path):
+    from worker.stack import LocalStack
+
+    stack = LocalStack(tmp_path / "stack", page=True).start()
+    try:
+        printed = stack.how_to_use("photo.png", "mask.png", "a barn")
+        url = re.search(r"^Page: +(http://127\.0\.0\.1:\d+/) ", printed, re.M)
+        assert url, printed
+        with urllib.request.urlopen(url.group(1), timeout=10) as response:
+            assert b'<form id="job-form"' in response.read()
+    finally:
+        stack.stop()
+    assert stack.page.process.poll() is not None
+
+
+@pytest.mark.skipif(not DOCS_SHOTS, reason="takes the README's pictures: PAGE_SCREENSHOTS=docs")
+def test_docs_screenshots(page, tmp_path):
+    """The page at its three moments, with the example photo (on the tiny random-weight model: it paints noise)."""
+    sample = Image.open(Path(__file__).resolve().parents[1] / "examples" / "sample.png")
+    sample.resize((512, 384), Image.Resampling.LANCZOS).save(tmp_path / "barn.png")
+    page.set_viewport_size({"width": 1200, "height": 900})
+    page.set_input_files("#photo", tmp_path / "barn.png")
+    expect(page.locator("#painter")).to_be_visible()
+    paint(page, [(0.44, 0.66, 0.5, 0.66), (0.47, 0.62, 0.47, 0.78)], brush=26)
+    fill(page, prompt="a blue wooden door with a brass handle", seed=7, num_inference_steps=40, strength=1,
+         preview_every=4, plugins=json.dumps(SLOW_STEPS))
+    save_for_docs(page, tmp_path, "painting", "#photo-section")
+    page.locator("#submit").click()
+    page.wait_for_function("() => document.getElementById('preview-strip').children.length >= 3")
+    save_for_docs(page, tmp_path, "running", "#job")
+    expect(page.locator("#result")).to_be_visible()
+    page.wait_for_function("() => document.getElementById('after').naturalWidth > 0")
+    page.locator("#compare-slider").fill("30")
+    save_for_docs(page, tmp_path, "result", "#result")
+
+
+def save_for_docs(page, tmp_path: Path, name: str, down_to: str) -> None:
+    """The page from its top down to the bottom of `down_to`, small: 960 px wide, 256 colours."""
+    full = Image.open(shot(page, tmp_path, name))
+    bottom = page.evaluate(f"() => document.querySelector('{down_to}').getBoundingClientRect().bottom + scrollY")
+    scale = full.width / page.viewport_size["width"]
+    cropped = full.crop((0, 0, full.width, min(full.height, int((bottom + 16) * scale))))
+    small = cropped.resize((960, round(cropped.height * 960 / cropped.width)), Image.Resampling.LANCZOS)
+    small.quantize(256, method=Image.Quantize.MEDIANCUT).save(Path(DOCS_SHOTS) / f"page-{name}.png", optimize=True)

@@ -602,7 +602,7 @@ function showResult(status) {
     picker.append(button);
   });
   pick(result.images[0]);
-  $("before").hidden = !job.before;
+  $("before").hidden = $("compare-line").hidden = !job.before;
   $("compare-slider").disabled = !job.before;
   if (job.before) $("before").src = job.before;
   const parameters = result.parameters;
@@ -693,7 +693,10 @@ async function reopen(id) {
 
 function setUpCompare() {
   const slider = $("compare-slider");
-  const apply = () => { $("before").style.clipPath = `inset(0 ${100 - Number(slider.value)}% 0 0)`; };
+  const apply = () => {
+    $("before").style.clipPath = `inset(0 ${100 - Number(slider.value)}% 0 0)`;
+    $("compare-line").style.left = `${slider.value}%`;
+  };
   slider.addEventListener("input", apply);
   apply();
 }
