@@ -133,7 +133,7 @@ def test_paint_submit_watch_and_download_keeps_the_photo_outside_the_strokes(pag
 
     page.locator("#submit").click()
     expect(page.locator("#job-state")).to_contain_text("Painting: step")
-    first = int(page.locator("#job-progress").get_attribute("value") or 0)
+    first = page.evaluate("() => document.getElementById('job-progress').value")
     page.wait_for_function("first => document.getElementById('job-progress').value > first", arg=first)
     # a preview arrived from S3 and the browser decoded it
     page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")

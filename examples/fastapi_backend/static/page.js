@@ -521,6 +521,7 @@ function duration(seconds) {
 }
 
 function showProgress(progress) {
+  current.running = true;
   if (current.cancelling) return;
   const stage = STAGES[progress.stage] || progress.stage;
   const steps = progress.total_steps ? `step ${progress.step} of ${progress.total_steps}` : "";
@@ -547,9 +548,12 @@ async function cancel() {
   if (!current) return;
   $("cancel").disabled = true;
   current.cancelling = true;
+  const queued = !current.running;
   setState("Cancelling…");
   try {
     await api(`/jobs/${encodeURIComponent(current.id)}`, { method: "DELETE" });
+    // a queued job ends only when a worker reaches it, and then does not start
+    if (queued && current.cancelling) setState("Cancelled: the job will not start.");
   } catch (error) {
     if (error.code !== "already_ended") {
       current.cancelling = false;
