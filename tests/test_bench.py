@@ -18,6 +18,7 @@ ROOT = Path(__file__).parent.parent
     (["preview.py", "--quick"], "preview / step"),
     (["overhead.py", "--quick"], "throughput"),
     (["auto_crop.py", "--quick"], "auto crop (80x80"),
+    (["adapters.py", "--quick"], "standard / fast"),
     (["gpu.py", "--preset", "tiny", "--size", "64", "--steps", "4", "--runs", "1", "--no-compile"], "batched CFG"),
 ])
 def test_benchmark_runs_in_quick_mode(tiny_model_dir, command, expected):

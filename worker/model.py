@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .adapters import Adapters
 from .pipeline import InpaintPipeline
 from .plugins import Plugins
 from .settings import Settings
@@ -45,6 +46,7 @@ class LoadedModel:
     step_cache: float = 0.0
     fp8: bool = False
     warmup_s: float | None = None
+    adapters: Adapters | None = None  # the adapter library and the transformer's LoRA slots, when configured
 
     @property
     def size_factor(self) -> int:
@@ -66,6 +68,8 @@ class LoadedModel:
                "attention_backend": self.attention_backend, "step_cache": self.step_cache, "fp8": self.fp8}
         if self.warmup_s is not None:
             out["warmup_s"] = round(self.warmup_s, 3)
+        if self.adapters is not None:
+            out["adapter_slots"] = self.adapters.describe()
         if self.tiny:
             out["label"] = TINY_MODEL_LABEL
         return out
@@ -107,7 +111,8 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
     with _lock:
         name = model_path(settings)
         key = (name, str(device), dtype, settings.offload, settings.prompt_cache_size, settings.batch_cfg,
-               settings.attention_backend, settings.compile, settings.step_cache, settings.fp8)
+               settings.attention_backend, settings.compile, settings.step_cache, settings.fp8,
+               adapter_settings(settings))
         if key not in _loaded:
             if settings.offload != "none" and device.type != "cuda":
                 raise ValueError(f"INPAINT_OFFLOAD={settings.offload} needs a CUDA device, not {device}")
@@ -115,6 +120,7 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
                 check_fp8(device, dtype)  # before minutes of loading
             started = time.monotonic()
             pipe = InpaintPipeline.from_pretrained(name, dtype=dtype)
+            adapters = Adapters(pipe, settings) if settings.adapter_library else None  # slots before compiling
             if settings.offload == "model":
                 pipe.enable_model_cpu_offload(device=device)
             elif settings.offload == "sequential":
@@ -134,7 +140,8 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
                 raise ValueError(f"INPAINT_ATTENTION_BACKEND={settings.attention_backend}: {error}") from error
             _loaded[key] = LoadedModel(pipe, name if not is_tiny_model(name) else "tiny-qwen-image", device,
                                        dtype, is_tiny_model(name), time.monotonic() - started, compiled,
-                                       settings.attention_backend or "native", settings.step_cache, settings.fp8)
+                                       settings.attention_backend or "native", settings.step_cache, settings.fp8,
+                                       adapters=adapters)
             log.info("pipeline %s loaded on %s (%s) in %.1f s", name, device, dtype, _loaded[key].load_s)
             if plugins is not None:
                 plugins.pipeline_loaded(pipe, settings)
@@ -142,6 +149,13 @@ def load_model(settings: Settings, plugins: Plugins | None = None) -> LoadedMode
                 quantize_blocks_fp8(pipe.transformer)
                 free_memory(device)
         return _loaded[key]
+
+
+def adapter_settings(settings: Settings) -> tuple:
+    """What makes a pipeline's adapter library and slots: pipelines with other values are other pipelines."""
+    return (settings.lora_dir, tuple(settings.lora_buckets), settings.lora_max_bytes, settings.lora_max_per_job,
+            settings.lora_max_rank, settings.lora_cache_size, settings.lora_disk_cache_bytes, settings.fast_adapter,
+            settings.fast_steps, settings.fast_shift) if settings.adapter_library else ()
 
 
 def check_fp8(device: torch.device, dtype: torch.dtype) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,11 @@ from .speed import CfgBatcher
 
 log = logging.getLogger(__name__)
 MASK_GRIDS = ("max_pool", "upstream")
+# Qwen-Image-Lightning's scheduler (its authors' generate_with_diffusers.py), with base_shift = max_shift = log(shift):
+# the same shift at every image size
+SHIFTED_SCHEDULE = dict(shift=1.0, use_dynamic_shifting=True, shift_terminal=None, time_shift_type="exponential",
+                        invert_sigmas=False, stochastic_sampling=False, use_karras_sigmas=False,
+                        use_exponential_sigmas=False, use_beta_sigmas=False)
 
 
 def upstream_signature(upstream: Callable) -> Callable[[Callable], Callable]:
@@ -92,6 +98,21 @@ class InpaintPipeline(QwenImageInpaintPipeline):
                 del self.mask_grid  # the class's default again
             else:
                 self.mask_grid = before
+
+    @contextmanager
+    def scheduler_shift_as(self, shift: float | None) -> Iterator[None]:
+        """Calls inside the block run a flow-matching schedule shifted by `shift` at every size: what a distilled
+        LoRA was trained with (Qwen-Image-Lightning: 3). None: the model's own scheduler. Restored on leaving."""
+        if shift is None:
+            yield
+            return
+        own = self.scheduler
+        self.scheduler = type(own).from_config(own.config, **SHIFTED_SCHEDULE, base_shift=math.log(shift),
+                                               max_shift=math.log(shift))
+        try:
+            yield
+        finally:
+            self.scheduler = own
 
     @upstream_signature(QwenImageInpaintPipeline.encode_prompt)
     def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -29,8 +29,9 @@ from .redaction import MAX_DEPTH
 
 OutputType = Literal["png", "jpeg", "webp", "latent"]
 MaskGrid = Literal["max_pool", "upstream"]
-Stage = Literal["fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
-                "uploading"]
+Mode = Literal["standard", "fast"]
+Stage = Literal["requeued", "fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
+                "uploading"]  # requeued: its worker died, and it waits at the front of its queue for another
 ATTENTION_KWARGS_ALLOWED = {"scale"}
 # Generous bounds, far past any useful value: a bigger number is a mistake, and arithmetic on it could overflow a float.
 UPPER_BOUNDS = {
@@ -51,6 +52,8 @@ MAX_REFERENCE_CHARS = 4096  # an s3:// or https:// reference (S3 keys are at mos
 # by size, by the worker (INPAINT_DATA_URL_MAX_BYTES)
 SURROGATE = re.compile(r"[\ud800-\udfff]")  # half a UTF-16 pair: no UTF-8 encodes it
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+MAX_ADAPTERS = 16  # generous: a worker's own cap, INPAINT_LORA_MAX_PER_JOB, is lower
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.load runs code from these
 # what a job fetches (s3://, https://, data:): the pictures and the tensors
 REFERENCE_FIELDS = ("image", "mask_image", "masked_image_latents", "latents", "prompt_embeds", "prompt_embeds_mask",
                     "negative_prompt_embeds", "negative_prompt_embeds_mask")
@@ -73,6 +76,29 @@ class OutputOptions(BaseModel):
             raise ValueError(f"{value!r:.80} has an empty, '.' or '..' path segment; use names joined by single "
                              "slashes, e.g. 'renders/2026'")
         return value
+
+
+class AdapterRef(BaseModel):
+    """One LoRA a job applies: a name in the operator's adapter library (never a path or URL), its scale, and the
+    scheduler shift it was trained for, where it needs one (Qwen-Image-Lightning: 3)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    ref: str = Field(..., description="A name in the worker's adapter library (INPAINT_LORA_DIR, INPAINT_LORA_BUCKETS)")
+    scale: float = Field(1.0, ge=-100, le=100, description="1 is the LoRA as trained, 0 the model without it")
+    shift: float | None = Field(None, gt=0, le=100, description="The flow-matching shift the LoRA expects (a "
+                                "distilled LoRA's); unset: the model's own schedule")
+
+    @field_validator("ref")
+    @classmethod
+    def _library_name(cls, value: str) -> str:
+        if value.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(f"{value[:80]!r} names a pickle file, which can run code when read: safetensors only")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value) or ".." in value:
+            raise ValueError(f"{value[:80]!r} is not a name in the adapter library: letters, digits, '_', '-' and "
+                             "'.', at most 128 characters, no '/', '..' or URL (the operator's library holds the "
+                             "files; a request only names one)")
+        return value.removesuffix(".safetensors")
 
 
 class InpaintRequest(BaseModel):
@@ -119,6 +145,16 @@ class InpaintRequest(BaseModel):
         default_factory=dict, description="Options by plugin name; false turns that plugin off for this job"
     )
     deadline_s: float | None = Field(None, gt=0)
+    priority: int = Field(
+        0, ge=0, le=9, description="Who goes first: 0 is the most urgent (the default), 9 the least, the Redis way; "
+        "0-2, 3-5, 6-8 and 9 each share a list, first come first served within it"
+    )
+    adapters: list[AdapterRef] = Field(
+        default_factory=list, max_length=MAX_ADAPTERS, description="LoRAs from the worker's adapter library, "
+        "applied in this job only"
+    )
+    mode: Mode = Field("standard", description="\"fast\": the worker's few-step configuration (its distilled "
+                       "adapter, steps and scheduler shift; true CFG off): lossy, many times faster")
     preview_every: int | None = Field(None, ge=1, description="A small preview every N denoising steps")
 
     @field_validator("padding_mask_crop", mode="before")
@@ -304,6 +340,17 @@ def refuse_half_characters(text: str, path: tuple, what: str) -> None:
                              "JavaScript leaves when it cuts a string inside an emoji; send whole characters")
 
 
+class QueuePlace(BaseModel):
+    """Where a waiting job stands: `position` 1 is the next job a worker of `queue` takes (more urgent jobs sent
+    later go before it); `waiting` jobs wait in the queue in all; `starts_in_s` is the time until it starts at the
+    pace the queue's jobs ended lately (None until two have)."""
+
+    queue: str
+    position: int
+    waiting: int
+    starts_in_s: float | None = None
+
+
 class Progress(BaseModel):
     """The small meta a running job reports (state PROGRESS in the queue)."""
 
@@ -329,6 +376,15 @@ class ImageOutput(BaseModel):
     prompt_index: int
 
 
+class AdapterUsed(BaseModel):
+    """An adapter a job applied: its library name, the sha256 of its file, the scale and the shift it ran with."""
+
+    name: str
+    sha256: str
+    scale: float
+    shift: float | None = None
+
+
 class EffectiveParameters(BaseModel):
     """What really ran, which is not always what was asked (true CFG silently off, trimmed steps).
 
@@ -351,6 +407,8 @@ class EffectiveParameters(BaseModel):
     guidance_scale: float | None = None
     padding_mask_crop: int | None
     mask_grid: MaskGrid = "max_pool"
+    mode: Mode = "standard"
+    adapters: list[AdapterUsed] = Field(default_factory=list)
     images: int
     seeds: list[int]
     output_type: OutputType

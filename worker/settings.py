@@ -71,6 +71,24 @@ class Settings(BaseSettings):
     )
     warmup_size: int = Field(1024, gt=0, description="Image size of the warm-up job")
 
+    lora_dir: Path | None = Field(None, description="The adapter library's folder: <name>.safetensors per LoRA")
+    lora_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated S3 buckets (bucket or bucket/prefix) of the adapter "
+        "library: s3://bucket/prefix/<name>.safetensors"
+    )
+    lora_max_bytes: int = Field(4_000_000_000, gt=0, description="Largest adapter file a job may use")
+    lora_max_per_job: int = Field(2, ge=1, le=8, description="Most adapters one job applies (each a slot in the "
+                                  "transformer, whose cost every job pays)")
+    lora_max_rank: int = Field(64, ge=1, le=1024, description="Largest LoRA rank; the slots' rank (Lightning's is 64)")
+    lora_cache_size: int = Field(4, ge=1, description="Adapters kept loaded in memory, least recently used out")
+    lora_disk_cache_bytes: int = Field(20_000_000_000, ge=0, description="Bytes of S3 adapter files kept on disk "
+                                       "(in INPAINT_CACHE_DIR/adapters), least recently used out")
+    fast_adapter: str | None = Field(None, description="Fast mode's distilled LoRA, a name in the adapter library "
+                                     "(e.g. Qwen-Image-Lightning's 8-step one); unset: no fast mode")
+    fast_steps: int = Field(8, ge=1, description="Fast mode's num_inference_steps (a request may set its own)")
+    fast_shift: float = Field(3.0, gt=0, le=100, description="Fast mode's scheduler shift (Lightning was distilled "
+                              "with 3)")
+
     broker_url: str = Field("redis://localhost:6379/0", description="Celery broker (Redis)")
     result_backend: str | None = Field(None, description="Celery result backend; defaults to the broker")
     queue: str = Field("celery", description="The queue workers consume and jobs are sent to")
@@ -131,6 +149,27 @@ class Settings(BaseSettings):
                              "keeps a module's buffers (the float8 weights) on the GPU; use INPAINT_OFFLOAD=model")
         return self
 
+    @model_validator(mode="after")
+    def _adapters_need_a_library(self) -> Settings:
+        if (self.lora_dir or self.lora_buckets) and self.offload == "sequential":
+            raise ValueError("INPAINT_LORA_DIR/INPAINT_LORA_BUCKETS and INPAINT_OFFLOAD=sequential exclude each "
+                             "other: sequential offload keeps the weights adapters are swapped into off the device; "
+                             "use INPAINT_OFFLOAD=model")
+        if self.fast_adapter and not (self.lora_dir or self.lora_buckets):
+            raise ValueError("INPAINT_FAST_ADAPTER names an adapter in the library: set INPAINT_LORA_DIR or "
+                             "INPAINT_LORA_BUCKETS too")
+        if self.fast_adapter is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.fast_adapter):
+            raise ValueError("INPAINT_FAST_ADAPTER must be an adapter's name in the library (letters, digits, "
+                             "'_', '-', '.'), not a path or URL")
+        if self.fast_steps > self.max_steps:
+            raise ValueError(f"INPAINT_FAST_STEPS ({self.fast_steps}) is over INPAINT_MAX_STEPS ({self.max_steps})")
+        return self
+
+    @property
+    def adapter_library(self) -> bool:
+        """Whether jobs may use adapters: a library is configured."""
+        return bool(self.lora_dir or self.lora_buckets)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _known_log_level(cls, value: object) -> object:
@@ -181,7 +220,12 @@ class Settings(BaseSettings):
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
 
-    @field_validator("plugins_blocked", "input_buckets", "http_allow", mode="before")
+    @field_validator("lora_dir", "fast_adapter", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("plugins_blocked", "input_buckets", "http_allow", "lora_buckets", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):

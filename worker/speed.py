@@ -122,7 +122,9 @@ def quantize_blocks_fp8(transformer: torch.nn.Module) -> int:
     """
     count = 0
     for block in transformer.transformer_blocks:
-        for parent in list(block.modules()):
+        for path, parent in list(block.named_modules()):
+            if ".lora_" in f".{path}":  # adapter slots (worker.adapters) stay as they are: jobs swap weights into them
+                continue
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear and child.in_features % 16 == 0 and child.out_features % 16 == 0:
                     setattr(parent, name, Fp8Linear(child))  # _scaled_mm needs both sizes in multiples of 16
