@@ -6,6 +6,7 @@ from celery import Celery
 from celery.signals import setup_logging
 
 from . import logs
+from .queues import PRIORITY_STEPS
 from .settings import Settings, get_settings
 
 UNACKED_MUTEX_EXPIRE_S = 30
@@ -54,6 +55,9 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
             "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
             # a host that drops packets would otherwise hold a connect for the kernel's ~2 minutes of SYN retries
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            # a job's priority (0 the most urgent) picks its list: worker/queues.py
+            "queue_order_strategy": "priority",
+            "priority_steps": list(PRIORITY_STEPS),
         },
         redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},

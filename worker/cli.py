@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     launch = commands.add_parser("launch", help="start one worker per GPU (or N CPU workers) and supervise them")
     launch.add_argument("--cpu-workers", type=int, default=0, metavar="N", help="on a host without GPUs")
+    launch.add_argument("--queues", metavar="A,B", help="the queues these workers take jobs from, the most urgent "
+                        "priority first across them (default: INPAINT_QUEUE): a pool of GPUs for one class of work")
 
     submit = commands.add_parser(
         "submit", help="enqueue a job and follow its progress, then print the result",
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--request", help="a JSON file with the request; flags override its fields")
     submit.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     submit.add_argument("--job-id", help="idempotency: the same id is enqueued once")
+    submit.add_argument("--queue", help="a named queue (default: INPAINT_QUEUE); the priority is the request's "
+                        "(--set priority=9: the least urgent)")
     submit.add_argument("--timeout", type=float, default=3600.0, metavar="S",
                         help="stop following after S seconds (default: 3600) and exit 3; the job goes on")
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -67,10 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     plugins = commands.add_parser("plugins", help="list the plugins and the hooks each implements")
     plugins.add_argument("--json", action="store_true")
 
+    exporter = commands.add_parser("metrics", help="serve the queues' Prometheus metrics (depth by priority, the "
+                                   "oldest wait) for an autoscaler; needs Redis, not a GPU")
+    exporter.add_argument("--port", type=int, default=9150)
+    exporter.add_argument("--address", default="127.0.0.1", help="0.0.0.0 in a container")
+    exporter.add_argument("--queues", metavar="A,B", help="the queues to report (default: INPAINT_QUEUE)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     commands = {"run": cmd_run, "launch": cmd_launch, "submit": cmd_submit, "up": cmd_up,
-                "tiny-model": cmd_tiny_model, "plugins": cmd_plugins}
+                "tiny-model": cmd_tiny_model, "plugins": cmd_plugins, "metrics": cmd_metrics}
     from pydantic import ValidationError
 
     try:
@@ -207,6 +217,12 @@ class ProgressBar:
         end = "\n" if progress.stage == "uploading" else ""
         print(f"\r{line:<70}", end=end, file=sys.stderr, flush=True)
 
+    def waiting(self, place: Any) -> None:
+        """A queued job's place: `queued: 3rd of 12 in celery, starts in about 40 s`."""
+        start = f", starts in about {place.starts_in_s:.0f} s" if place.starts_in_s is not None else ""
+        print(f"\r{f'queued: {place.position} of {place.waiting} in {place.queue}{start}':<70}", end="",
+              file=sys.stderr, flush=True)
+
     def finish(self, state: str) -> None:
         """A job followed by polling can end between two polls: a success shows its bar full."""
         last = self.last
@@ -223,7 +239,46 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     settings = Settings()
     logs.configure(settings.log_format, settings.log_level, libraries=())  # its lines as the workers': text or JSON
-    return launch(settings, cpu_workers=args.cpu_workers)
+    try:
+        queues = queue_names(args.queues, settings)
+    except InvalidRequest as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return EXIT_INVALID
+    return launch(settings, cpu_workers=args.cpu_workers, queues=queues)
+
+
+def queue_names(flag: str | None, settings: Any) -> list[str]:
+    """A --queues flag's names, checked as a queue name is; the default queue without one."""
+    from .queues import QUEUE_PATTERN
+
+    names = [name.strip() for name in (flag or settings.queue).split(",") if name.strip()]
+    bad = [name for name in names if not re.fullmatch(QUEUE_PATTERN, name)]
+    if not names or bad:
+        raise InvalidRequest("--queues", f"{bad or flag!r}: give queue names matching {QUEUE_PATTERN}, separated by "
+                             "commas")
+    return names
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    import time
+
+    from prometheus_client import REGISTRY, start_http_server
+
+    from .app import make_app
+    from .metrics import QueueCollector
+    from .settings import Settings
+
+    settings = Settings()
+    try:
+        names = queue_names(args.queues, settings)
+    except InvalidRequest as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return EXIT_INVALID
+    REGISTRY.register(QueueCollector(make_app(settings, client=True), lambda: names))
+    start_http_server(args.port, addr=args.address)
+    print(f"queue metrics of {', '.join(names)} on http://{args.address}:{args.port}/metrics", file=sys.stderr)
+    while True:
+        time.sleep(3600)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -238,7 +293,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if name in request:
                 request[name] = inline_local_file(name, request[name])
         client = InpaintClient.from_env()
-        job_id = client.submit(request, job_id=args.job_id)
+        job_id = client.submit(request, job_id=args.job_id, queue=args.queue)
     except JobError as error:
         print(json.dumps({"error": error.to_dict()}, indent=2))
         return EXIT_INVALID
@@ -252,6 +307,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             status = client.status(job_id)
             if status.progress and not args.quiet:
                 bar(status.progress)
+            elif status.queue and not args.quiet:
+                bar.waiting(status.queue)
             if status.done or time.monotonic() > deadline:
                 break
             time.sleep(0.25)

@@ -45,8 +45,9 @@ from .protocol import (
     kwargs_summary,
     submitted_key,
 )
+from .queues import QUEUE_PATTERN, place
 from .redaction import redacted_reference
-from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, parse_request
+from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, QueuePlace, parse_request
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class JobStatus(BaseModel):
     - `submitted`: False when no `InpaintClient.submit` of this id happened in the last
       `result_expires_s`, so a `PENDING` id is unknown (or was sent with plain `send_task` and waits in
       the queue); always True once the job has a state of its own.
+    - `queue` (`PENDING` only, while it waits): `QueuePlace`: `queue`, `position` (1: the next to start),
+      `waiting` (jobs queued in all), `starts_in_s` (at the queue's recent pace; None until known).
     - `progress` (`PROGRESS` only): `Progress`: `stage`, `step` of `total_steps` (the steps that really run),
       `image` of `images`, `percent`, `elapsed_s`, `eta_s`, and `preview` when previews are on.
     - `result` (`SUCCESS` only): `InpaintResult`: `images` (`ImageOutput`: `index`, `location` (s3://), a
@@ -88,6 +91,7 @@ class JobStatus(BaseModel):
     job_id: str
     state: str
     submitted: bool = True
+    queue: QueuePlace | None = None
     progress: Progress | None = None
     result: InpaintResult | None = None
     error: dict[str, Any] | None = None
@@ -148,13 +152,18 @@ class InpaintClient:
     def redis(self) -> Any:
         return self.app.backend.client
 
-    def submit(self, request: dict | InpaintRequest, job_id: str | None = None) -> str:
+    def submit(self, request: dict | InpaintRequest, job_id: str | None = None, queue: str | None = None) -> str:
         """Validate and enqueue; the same `job_id` twice enqueues once and returns the same job.
 
         Returns once the job is in the queue, sent by this call or an earlier one. While another
         call is sending the same id, this one waits for it; if that caller died before its send
         was confirmed, this one sends the job once the claim lapses (`claim_hold_s`, 30 s).
+        `queue` is a named queue (`inpaint-worker launch --queues`); default: `INPAINT_QUEUE`. The request's
+        `priority` orders it there: 0, the default, the most urgent.
         """
+        queue = queue or self.app.conf.task_default_queue
+        if not isinstance(queue, str) or not re.fullmatch(QUEUE_PATTERN, queue):
+            raise InvalidRequest("queue", f"{queue!r:.80} must match {QUEUE_PATTERN}")
         parsed = parse_request(request)
         if job_id is not None and parsed.job_id is not None and job_id != parsed.job_id:
             raise InvalidRequest("job_id", f"the request's {parsed.job_id!r:.80} differs from submit's job_id "
@@ -168,7 +177,7 @@ class InpaintClient:
         if not re.fullmatch(JOB_ID_PATTERN, job_id):
             raise InvalidRequest("job_id", f"{job_id!r:.80} must match {JOB_ID_PATTERN}")
         if self._claim(job_id):
-            self._send(job_id, payload)
+            self._send(job_id, payload, queue, parsed.priority)
         return job_id
 
     def _claim(self, job_id: str) -> bool:
@@ -185,13 +194,14 @@ class InpaintClient:
                                    f"{self.claim_hold_s + 5:g} s")
             time.sleep(0.05)
 
-    def _send(self, job_id: str, payload: dict) -> None:
+    def _send(self, job_id: str, payload: dict, queue: str, priority: int) -> None:
         """Publish the job: once more after a dropped connection (a Redis restart leaves pooled ones dead), never
         after a timeout, which keeps a submit within one socket timeout and may come after Redis took the job."""
         for attempt in range(SEND_TRIES):
             try:
                 with self._reaching(self._broker_url):
                     self.app.send_task(TASK_NAME, kwargs={"request": payload}, task_id=job_id, retry=False,
+                                       queue=queue, priority=priority,
                                        headers={SUBMITTED_AT: time.time()},  # for the queue-wait metric
                                        # what task events (Flower) show instead of the request
                                        argsrepr="()", kwargsrepr=kwargs_summary(payload))
@@ -210,7 +220,7 @@ class InpaintClient:
                 self._unclaim(job_id)
                 raise
         try:
-            self.redis.set(submitted_key(job_id), "sent", ex=self.result_expires_s)
+            self.redis.set(submitted_key(job_id), f"sent:{queue}", ex=self.result_expires_s)  # where it waits
         except Exception as error:  # the job is queued; only a retry after claim_hold_s could send it twice
             log.warning("job %s is queued but its claim could not be confirmed: %s", job_id, error)
 
@@ -230,7 +240,9 @@ class InpaintClient:
         status = JobStatus(job_id=job_id, state=state)
         if state == "PENDING":  # Celery keeps no record of queued ids: the claim of submit is the record
             with self._reaching(self._backend_url):
-                status.submitted = bool(self.redis.exists(submitted_key(job_id)))
+                claim = self.redis.get(submitted_key(job_id))
+            status.submitted = claim is not None
+            status.queue = self._place(job_id, claim)
         elif state == "PROGRESS" and isinstance(info, dict):
             status.progress = Progress.model_validate(info)
         elif state == "SUCCESS":
@@ -240,6 +252,13 @@ class InpaintClient:
         elif state == "REVOKED":
             status.error = {"code": "cancelled", "message": "revoked before it started"}
         return status
+
+    def _place(self, job_id: str, claim: bytes | str | None) -> QueuePlace | None:
+        """Where a queued job waits: in the queue submit sent it to (the default queue for one sent otherwise)."""
+        claim = claim.decode() if isinstance(claim, bytes) else claim
+        queue = claim.partition(":")[2] if claim and claim.startswith("sent:") else self.app.conf.task_default_queue
+        with self._reaching(self._broker_url), self.app.pool.acquire(block=True) as connection:
+            return place(connection.default_channel.client, self.redis, queue, job_id)
 
     def wait(self, job_id: str, timeout: float = 600.0) -> JobStatus:
         """Block until the job ends (Redis tells us at once); raise TimeoutError after `timeout` seconds."""

@@ -64,8 +64,11 @@ def plan(gpus: list[str], cpu_workers: int, metrics_port: int | None = None) -> 
     return slots
 
 
-def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0) -> int:
-    """Start the workers and supervise them until SIGTERM/SIGINT, which is passed on for a warm shutdown."""
+def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0, queues: list[str] | None = None
+           ) -> int:
+    """Start the workers, taking jobs from `queues` (default: INPAINT_QUEUE), and supervise them until
+    SIGTERM/SIGINT, which is passed on for a warm shutdown."""
+    queue = ",".join(queues or [settings.queue])
     slots = plan(visible_gpus(), cpu_workers, settings.metrics_port)
     if not slots:
         log.error("no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi); use --cpu-workers N to run on the CPU")
@@ -87,14 +90,14 @@ def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for slot in slots:
-        start(slot, settings)
+        start(slot, settings, queue)
     while not stopping:
         for slot in slots:  # each on its own clock: one worker's backoff never holds up another's restart
             now = time.monotonic()
             if slot.restart_at is not None:
                 if now >= slot.restart_at and not stopping:
                     slot.restart_at = None
-                    start(slot, settings)
+                    start(slot, settings, queue)
                 continue
             code = slot.process.poll()
             if code is None or stopping:
@@ -110,8 +113,8 @@ def launch(settings: Settings, cpu_workers: int = 0, max_backoff_s: float = 60.0
     return 0
 
 
-def start(slot: Slot, settings: Settings) -> None:
-    slot.process = subprocess.Popen(worker_command(slot.node, settings.queue, quiet=settings.log_format == "json"),
+def start(slot: Slot, settings: Settings, queue: str) -> None:
+    slot.process = subprocess.Popen(worker_command(slot.node, queue, quiet=settings.log_format == "json"),
                                     env={**os.environ, **slot.env})
     slot.started = time.monotonic()
     log.info("started worker %s (pid %d, %s)", slot.node, slot.process.pid, slot.env)

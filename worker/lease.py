@@ -42,6 +42,16 @@ class JobLease:
         self._thread.start()
         return True
 
+    def taken(self) -> bool:
+        """Whether this worker lost the lease: it was frozen, or cut off from Redis, for longer than LEASE_S,
+        and the job may have been put back in its queue (worker/requeue.py) and run by another. Redis away: not
+        known to be lost."""
+        try:
+            held = self.redis.get(self.key)
+        except Exception:
+            return False
+        return (held.decode() if isinstance(held, bytes) else held) != self.token
+
     def holder(self) -> str | None:
         """Who holds the lease now (a worker's node name and a token), or None."""
         held = self.redis.get(self.key)
@@ -62,8 +72,8 @@ class JobLease:
         while not self._stop.wait(RENEW_EVERY_S):
             try:
                 if not self.redis.eval(RENEW_LEASE, 1, self.key, self.token, LEASE_S * 1000):
-                    log.error("job %s: another worker took its lease (Redis was away longer than %d s); "
-                              "two copies may be running", self.job_id, LEASE_S)
+                    log.error("job %s: its lease lapsed (this worker was frozen, or cut off from Redis, for %d s): "
+                              "the job stops at its next step and goes back to the queue", self.job_id, LEASE_S)
                     return
             except Exception as error:  # Redis away for a moment: try again at the next renewal
                 log.warning("could not renew the lease of job %s: %s", self.job_id, error)

@@ -1,11 +1,17 @@
 """Prometheus metrics of one worker process: jobs by outcome, durations, seconds per step, load time, memory,
-adapters (cache hits, loads and their time)."""
+adapters (cache hits, loads and their time); and of the queues (depth by priority, the oldest wait), from any
+worker or from `inpaint-worker metrics`, which needs no GPU."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from . import queues
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +32,39 @@ ADAPTER_LOAD_SECONDS = Histogram("inpaint_adapter_load_seconds", "Time to load a
 PEAK_MEMORY_BYTES = Gauge("inpaint_peak_accelerator_memory_bytes", "Peak accelerator memory of the last job")
 
 
-def serve(port: int, address: str) -> None:
+def serve(port: int, address: str, app: Any = None, queue_names: Callable[[], Iterable[str]] | None = None) -> None:
+    """Serve the metrics; with `app`, also the depth of the queues `queue_names` gives, read at each scrape."""
+    if app is not None and queue_names is not None:
+        REGISTRY.register(QueueCollector(app, queue_names))
     start_http_server(port, addr=address)
     log.info("metrics on http://%s:%d/metrics", address, port)
+
+
+class QueueCollector:
+    """The queues as an autoscaler reads them: jobs waiting by queue and priority step, and how long the longest
+    waiting one has waited. Every worker and the exporter report the same numbers: aggregate with max, not sum."""
+
+    def __init__(self, app: Any, queue_names: Callable[[], Iterable[str]]):
+        self.app, self.queue_names = app, queue_names
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("inpaint_queue_depth", "Jobs waiting, by queue and priority step (0: priorities "
+                                  "0-2, the most urgent; 3: 3-5; 6: 6-8; 9: 9)", labels=["queue", "priority"])
+        oldest = GaugeMetricFamily("inpaint_queue_oldest_wait_seconds", "How long the longest-waiting job of the "
+                                   "queue has waited (jobs sent by InpaintClient.submit)", labels=["queue"])
+        try:
+            with self.app.pool.acquire(block=True, timeout=5) as connection:
+                client = connection.default_channel.client
+                for queue in sorted(set(self.queue_names())):
+                    for step, waiting in queues.depth(client, queue).items():
+                        depth.add_metric([queue, str(step)], waiting)
+                    waited = queues.oldest_wait_s(client, queue)
+                    if waited is not None:
+                        oldest.add_metric([queue], waited)
+        except Exception as error:  # Redis away: a scrape without the queues, not a failed scrape
+            log.warning("could not read the queues for metrics: %s", error)
+        yield depth
+        yield oldest
 
 
 def job_ended(outcome: str, seconds: float, timings: dict[str, float] | None = None, steps: int = 0) -> None:

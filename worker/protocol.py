@@ -13,6 +13,8 @@ implements what this file says).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .redaction import redacted
 
 TASK_NAME = "inpaint"
@@ -61,11 +63,11 @@ return 0
 CLAIMED, SENDING = 1, 2  # and 0: sent
 
 
-# KEYS[1]: the lease; ARGV[1]: this holder's token; ARGV[2]: milliseconds. Renew a lease this holder
-# holds, or take it back if it lapsed (Redis away longer than LEASE_S); 0 when another holder took it.
+# KEYS[1]: the lease; ARGV[1]: this holder's token; ARGV[2]: milliseconds. Renew a lease this holder still
+# holds; 0 when it lapsed (this holder was frozen, or cut off from Redis, for LEASE_S: its job may have been put
+# back in the queue, worker/requeue.py) or another holder has it.
 RENEW_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     return 1
 end
@@ -93,3 +95,11 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
+
+
+def store_progress(backend: Any, job_id: str, meta: dict) -> None:
+    """A job's PROGRESS meta into its task state (published to its channel), never over its outcome."""
+    state = {**backend._get_result_meta(result=meta, state="PROGRESS", traceback=None, request=None),
+             "task_id": job_id}
+    backend.client.eval(STORE_PROGRESS, 1, backend.get_key_for_task(job_id), backend.encode(state),
+                        int(backend.expires))

@@ -30,8 +30,8 @@ from .redaction import MAX_DEPTH
 OutputType = Literal["png", "jpeg", "webp", "latent"]
 MaskGrid = Literal["max_pool", "upstream"]
 Mode = Literal["standard", "fast"]
-Stage = Literal["fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
-                "uploading"]
+Stage = Literal["requeued", "fetching", "preprocessing", "encoding", "denoising", "decoding", "postprocessing",
+                "uploading"]  # requeued: its worker died, and it waits at the front of its queue for another
 ATTENTION_KWARGS_ALLOWED = {"scale"}
 # Generous bounds, far past any useful value: a bigger number is a mistake, and arithmetic on it could overflow a float.
 UPPER_BOUNDS = {
@@ -145,6 +145,10 @@ class InpaintRequest(BaseModel):
         default_factory=dict, description="Options by plugin name; false turns that plugin off for this job"
     )
     deadline_s: float | None = Field(None, gt=0)
+    priority: int = Field(
+        0, ge=0, le=9, description="Who goes first: 0 is the most urgent (the default), 9 the least, the Redis way; "
+        "0-2, 3-5, 6-8 and 9 each share a list, first come first served within it"
+    )
     adapters: list[AdapterRef] = Field(
         default_factory=list, max_length=MAX_ADAPTERS, description="LoRAs from the worker's adapter library, "
         "applied in this job only"
@@ -334,6 +338,17 @@ def refuse_half_characters(text: str, path: tuple, what: str) -> None:
         raise InvalidRequest(".".join(map(str, path)) or "request", f"{what}character {half.start() + 1} is half of a "
                              f"UTF-16 surrogate pair ({half.group().encode('unicode_escape').decode()}), as "
                              "JavaScript leaves when it cuts a string inside an emoji; send whole characters")
+
+
+class QueuePlace(BaseModel):
+    """Where a waiting job stands: `position` 1 is the next job a worker of `queue` takes (more urgent jobs sent
+    later go before it); `waiting` jobs wait in the queue in all; `starts_in_s` is the time until it starts at the
+    pace the queue's jobs ended lately (None until two have)."""
+
+    queue: str
+    position: int
+    waiting: int
+    starts_in_s: float | None = None
 
 
 class Progress(BaseModel):

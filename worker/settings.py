@@ -211,9 +211,10 @@ class Settings(BaseSettings):
     @field_validator("queue")
     @classmethod
     def _queue_name(cls, value: str) -> str:
-        if not value or re.search(r"[\s,]", value):
-            raise ValueError("must be a queue name: not empty, no spaces or commas (workers take a comma-separated "
-                             "list of queues)")
+        from .queues import QUEUE_PATTERN
+
+        if not re.fullmatch(QUEUE_PATTERN, value):
+            raise ValueError(f"must be a queue name matching {QUEUE_PATTERN} (letters, digits, '_', '.', '-')")
         return value
 
     @property

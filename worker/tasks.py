@@ -20,8 +20,10 @@ from .errors import Cancelled, InvalidRequest, JobError, JobFailed
 from .lease import JobLease, copy_received
 from .model import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
-from .protocol import STORE_PROGRESS, SUBMITTED_AT, TASK_NAME, TERMINAL, cancel_key, kwargs_summary
+from .protocol import LEASE_S, SUBMITTED_AT, TASK_NAME, TERMINAL, cancel_key, kwargs_summary, store_progress
+from .queues import record_finished
 from .redaction import redacted, redacted_text
+from .requeue import Sweeper, give_back
 from .schema import Progress, parse_request
 from .settings import get_settings
 from .storage import S3Sink, StorageFetcher, s3_client
@@ -73,8 +75,9 @@ def load_before_the_first_job(**_: Any) -> None:
     logs.configure(settings.log_format, settings.log_level)  # worker_init comes before Celery's setup_logging
     try:
         if settings.metrics_port:
-            metrics.serve(settings.metrics_port, settings.metrics_address)
+            metrics.serve(settings.metrics_port, settings.metrics_address, app, consumed_queues)
         runtime()
+        Sweeper(app).start()  # dead workers' jobs back in the queue within seconds
     except Exception as error:
         log.critical("worker cannot start and exits: %s: %s", type(error).__name__, error,
                      exc_info=not isinstance(error, RuntimeError))
@@ -208,17 +211,36 @@ def run_counted(task: Any, request: dict) -> dict:
     except JobFailed as failed:
         metrics.job_ended(failed.code, time.time() - started)
         raise
+    except Ignore:  # it gave way to another worker (worker/requeue.py): not this worker's outcome
+        raise
     except Exception:
         metrics.job_ended("internal", time.time() - started)
         raise
+    finally:
+        queue_paced(task)
     metrics.job_ended("success", time.time() - started, result["timings"],
                       result["parameters"]["steps_run"] * result["parameters"]["images"])
     log.info("job succeeded in %.2f s", time.time() - started)
     return result
 
 
+def consumed_queues() -> list[str]:
+    """The queues this worker takes jobs from (`--queues`; the default queue before the worker subscribed)."""
+    return list(app.amqp.queues.consume_from or {}) or [get_settings().queue]
+
+
+def queue_paced(task: Any) -> None:
+    """Record that a job of its queue ended: a waiting job's estimated start reads the queue's pace from these."""
+    queue = (task.request.delivery_info or {}).get("routing_key") or get_settings().queue
+    try:
+        record_finished(task.app.backend.client, queue, task.request.id)
+    except Exception as error:  # an estimate is not worth failing a job over
+        log.warning("could not record the queue's pace: %s", error)
+
+
 def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> dict:
-    settings, redis = get_settings(), app.backend.client
+    settings, redis, lease = get_settings(), app.backend.client, _leases.get(job_id)
+    taken = lease.taken if lease is not None else lambda: False
     try:
         if redis.exists(cancel_key(job_id)):
             raise Cancelled("cancelled before it started")
@@ -236,14 +258,31 @@ def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> 
                              sink=S3Sink(settings, job_id, bucket, parsed.output.prefix or settings.output_prefix,
                                          rt.s3),
                              settings=settings, reporter=reporter,
-                             cancel_requested=lambda: cancel_requested(redis, job_id),
+                             cancel_requested=lambda: cancel_requested(redis, job_id) or taken(),
                              job_id=job_id, worker={"node": task.request.hostname, **waited})
         finally:
             reporter.close()
     except JobError as error:
+        if taken():
+            raise give_way(task) from None
         log.warning("job failed: %s", error)
         raise JobFailed.from_error(error) from None
+    if taken():  # it ran on while frozen: the job's outcome is the run that holds the lease
+        raise give_way(task)
     return result.model_dump(mode="json")
+
+
+def give_way(task: Any) -> Ignore:
+    """This worker lost the job's lease (frozen, or cut off from Redis, for LEASE_S): the job goes back to its
+    queue, if the sweep has not put it back already, and this run ends without an outcome."""
+    try:
+        back = give_back(task.app, (task.request.delivery_info or {}).get("delivery_tag"))
+    except Exception as error:  # the sweep puts it back: its lease is gone
+        log.warning("could not put the job back in its queue: %s", error)
+        back = False
+    log.error("this worker lost the job's lease (frozen, or cut off from Redis, for %d s); the job %s; this run "
+              "ends without an outcome", LEASE_S, "goes back to its queue" if back else "was put back and runs on")
+    return Ignore()
 
 
 def queue_wait(request: Any) -> dict[str, float]:
@@ -312,12 +351,8 @@ class TaskReporter:
 
     def _send(self, progress: Progress) -> bool:
         meta = progress.model_dump(exclude_none=True)
-        backend = self.app.backend
-        state = {**backend._get_result_meta(result=meta, state="PROGRESS", traceback=None, request=None),
-                 "task_id": self.job_id}
         try:  # from this thread, Celery's task.request is not the job's: name the job explicitly
-            backend.client.eval(STORE_PROGRESS, 1, backend.get_key_for_task(self.job_id), backend.encode(state),
-                                int(backend.expires))
+            store_progress(self.app.backend, self.job_id, meta)
             with self.app.events.default_dispatcher(hostname=self.hostname) as events:
                 # `result` too: the one field of a task that Flower's pages and API show for a running task
                 shown = {**meta, "preview": redacted(progress.preview)} if progress.preview else meta  # Flower

@@ -1,0 +1,155 @@
+"""A crashed worker's job runs again on a live worker within seconds, with the default settings (a visibility
+timeout of an hour): the job's lease lapses and a live worker puts its message back (worker/requeue.py).
+
+Real worker processes on a stack of their own, killed with SIGKILL, frozen with SIGSTOP. Each test prints the
+recovery time; docs/RELIABILITY.md records them.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from tests.support import job_request, outputs, runs, wait_for_step
+
+pytestmark = pytest.mark.slow  # real workers killed and frozen
+
+HOST = socket.gethostname()
+STEPS, STEP_S = 24, 0.1
+# what the job takes on its own (steps, and a few seconds to load inputs, decode and upload on a busy 2-core
+# machine), plus the 30 s the recovery may take: a job that came back only after the visibility timeout (an hour)
+# fails this
+RECOVERED_WITHIN_S = 30 + STEPS * STEP_S + 15
+
+
+@pytest.fixture(scope="module")
+def recovery(tiny_model_dir, tmp_path_factory, worker_env):
+    from worker.app import make_app
+    from worker.client import InpaintClient
+    from worker.settings import Settings
+    from worker.stack import LocalStack
+
+    stack = LocalStack(tmp_path_factory.mktemp("recovery"), model=str(tiny_model_dir)).start()
+    client = InpaintClient(make_app(stack.settings()))
+    assert stack.settings().visibility_timeout_s == Settings.model_fields["visibility_timeout_s"].default == 3600
+    yield stack, client
+    stack.stop()
+
+
+@contextmanager
+def workers(recovery, worker_env, *names: str) -> Iterator[list]:
+    stack, client = recovery
+    started = [stack.start_worker(f"{name}@{HOST}", **worker_env) for name in names]
+    try:
+        for worker in started:
+            worker.wait_ready(client.app)
+        yield started
+    finally:
+        for worker in started:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGCONT)  # a frozen one cannot stop
+            worker.stop()
+
+
+def running_on(client, job_id: str, candidates: list) -> object:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        active = client.app.control.inspect(timeout=2).active() or {}
+        nodes = [node for node, tasks in active.items() if any(task["id"] == job_id for task in tasks)]
+        if nodes:
+            return next(worker for worker in candidates if worker.node == nodes[0])
+    raise AssertionError(f"{job_id} is not running on any of {[w.node for w in candidates]}")
+
+
+def slow_job(stack, steps: int = STEPS, step_s: float = STEP_S, **testkit) -> dict:
+    return job_request(stack, prompt="a quince", num_inference_steps=steps, strength=1.0, seed=9,
+                       plugins={"testkit": {"step_s": step_s, **testkit}})
+
+
+def logs(*started) -> str:
+    return "".join(worker.log_path.read_text() for worker in started)
+
+
+@pytest.mark.parametrize("kill_at_step", random.Random(2026).sample(range(1, STEPS), 2))
+def test_a_job_whose_worker_is_killed_runs_again_on_the_other_within_seconds(recovery, worker_env, run_log,
+                                                                               kill_at_step):
+    stack, client = recovery
+    with workers(recovery, worker_env, f"kill{kill_at_step}-a", f"kill{kill_at_step}-b") as pair:
+        job_id = client.submit(slow_job(stack))
+        victim = running_on(client, job_id, pair)
+        wait_for_step(client, job_id, kill_at_step)
+        killed_at = time.monotonic()
+        victim.stop(signal.SIGKILL)
+        status = client.wait(job_id, timeout=RECOVERED_WITHIN_S)
+        recovered_s = time.monotonic() - killed_at
+        survivor = next(worker for worker in pair if worker is not victim)
+        assert "put back at the front of its queue" in logs(survivor)
+    assert status.state == "SUCCESS", status.error
+    assert status.result.worker["node"] == survivor.node
+    assert runs(run_log, job_id) == (2, 1)  # started twice, finished once
+    assert outputs(stack, job_id) == ["0.png", "result.json"]
+    print(f"\nSIGKILL at step {kill_at_step} of {STEPS}: SUCCESS on the other worker {recovered_s:.1f} s after it")
+
+
+def test_the_jobs_of_a_lost_host_run_on_another_host(recovery, worker_env, run_log):
+    stack, client = recovery
+    steps, step_s = 60, 0.3  # long enough to be running still once host b's worker is up
+    with workers(recovery, worker_env, "host-a-gpu0", "host-a-gpu1") as host_a:
+        jobs = [client.submit(slow_job(stack, steps, step_s)) for _ in host_a]
+        victims = {running_on(client, job_id, host_a) for job_id in jobs}
+        assert victims == set(host_a)  # one job on each of host a's workers
+        with workers(recovery, worker_env, "host-b-gpu0") as (host_b,):
+            assert not any(client.status(job_id).done for job_id in jobs)
+            killed_at = time.monotonic()
+            for worker in host_a:  # the whole host at once, none restarted
+                worker.stop(signal.SIGKILL)
+            statuses = [client.wait(job_id, timeout=30 + 2 * (steps * step_s + 10)) for job_id in jobs]
+            recovered_s = time.monotonic() - killed_at
+    assert [status.state for status in statuses] == ["SUCCESS", "SUCCESS"], [s.error for s in statuses]
+    assert {status.result.worker["node"] for status in statuses} == {host_b.node}
+    assert all(runs(run_log, job_id) == (2, 1) and outputs(stack, job_id) == ["0.png", "result.json"]
+               for job_id in jobs)
+    print(f"\nhost lost: both jobs SUCCESS on the other host {recovered_s:.1f} s after the kill (one after the other)")
+
+
+def test_a_frozen_worker_loses_its_job_and_writes_no_second_outcome_when_it_wakes(recovery, worker_env, run_log):
+    stack, client = recovery
+    with workers(recovery, worker_env, "frozen-a", "frozen-b") as pair:
+        job_id = client.submit(slow_job(stack))
+        frozen = running_on(client, job_id, pair)
+        other = next(worker for worker in pair if worker is not frozen)
+        wait_for_step(client, job_id, 3)
+        frozen.process.send_signal(signal.SIGSTOP)  # alive, but not for longer than its lease
+        status = client.wait(job_id, timeout=RECOVERED_WITHIN_S)
+        assert status.state == "SUCCESS" and status.result.worker["node"] == other.node, status.error
+        written = outputs(stack, job_id)
+        frozen.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while "ends without an outcome" not in logs(frozen):
+            assert time.monotonic() < deadline, logs(frozen)[-3000:]
+            time.sleep(0.2)
+    assert client.status(job_id).state == "SUCCESS" and client.status(job_id).result.worker["node"] == other.node
+    assert outputs(stack, job_id) == written == ["0.png", "result.json"]
+    assert runs(run_log, job_id) == (2, 1)  # the frozen run never finished
+
+
+def test_a_worker_killed_while_uploading_has_its_job_run_again(recovery, worker_env, run_log):
+    stack, client = recovery
+    with workers(recovery, worker_env, "upload-a", "upload-b") as pair:
+        job_id = client.submit(slow_job(stack, upload_s=3))
+        victim = running_on(client, job_id, pair)
+        deadline = time.monotonic() + 60
+        while (progress := client.status(job_id).progress) is None or progress.stage != "uploading":
+            assert time.monotonic() < deadline, "the job never reached its upload"
+            time.sleep(0.05)
+        victim.stop(signal.SIGKILL)
+        status = client.wait(job_id, timeout=RECOVERED_WITHIN_S + 6)
+    assert status.state == "SUCCESS", status.error
+    assert runs(run_log, job_id) == (2, 1)
+    assert outputs(stack, job_id) == ["0.png", "result.json"]

@@ -1,0 +1,115 @@
+"""What the queues hold: how deep each queue is at each priority, where a waiting job stands, when it may start.
+
+Jobs wait in Redis lists, one per queue and priority step (kombu's Redis transport, `queue_order_strategy`
+"priority", its default steps 0, 3, 6, 9): `<queue>` holds priorities 0-2, `<queue>\\x06\\x163` 3-5, `...6` 6-8,
+`...9` 9. A worker takes the next job from the right end of the most urgent non-empty list of its queues: 0 is
+the most urgent (the Redis way; RabbitMQ's is the other way round), and a message without a priority is a 0.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .schema import QueuePlace
+
+PRIORITY_STEPS = (0, 3, 6, 9)
+QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a queue's name
+SEPARATOR = "\x06\x16"
+FINISHED_KEPT = 50  # the recent job ends a queue's rate is read from
+SCAN_AT_MOST = 10_000  # messages looked through for a job's place; past them its place is not told
+
+# KEYS: a queue's lists, most urgent first; ARGV[1]: the job id, quoted as a message's JSON holds it; ARGV[2]: the
+# most messages to look through. Looks from the right end of each list (the next to go), 200 messages a read, for
+# the message that carries the id: {its place (1 is next), messages waiting in all}; place 0 when not found.
+FIND_PLACE = """
+local ahead, total, looked = 0, 0, 0
+for _, key in ipairs(KEYS) do total = total + redis.call('LLEN', key) end
+for _, key in ipairs(KEYS) do
+    local length = redis.call('LLEN', key)
+    local from = 0
+    while from < length and looked < tonumber(ARGV[2]) do
+        local chunk = redis.call('LRANGE', key, -(from + 200), -(from + 1))
+        for i = #chunk, 1, -1 do
+            looked = looked + 1
+            if string.find(chunk[i], ARGV[1], 1, true) then
+                return {ahead + from + (#chunk - i) + 1, total}
+            end
+        end
+        from = from + #chunk
+    end
+    ahead = ahead + length
+end
+return {0, total}
+"""
+
+
+def list_name(queue: str, step: int) -> str:
+    return queue if step == 0 else f"{queue}{SEPARATOR}{step}"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """A queue's lists, most urgent first."""
+    return [list_name(queue, step) for step in PRIORITY_STEPS]
+
+
+def finished_key(queue: str) -> str:
+    return f"inpaint:finished:{queue}"
+
+
+def place(broker: Any, backend: Any, queue: str, job_id: str) -> QueuePlace | None:
+    """The job's place in its queue (the broker's Redis), or None when it waits in none of the queue's lists (not
+    queued, taken, or past the first SCAN_AT_MOST messages); its start at the pace the result backend recorded."""
+    position, waiting = broker.eval(FIND_PLACE, len(PRIORITY_STEPS), *queue_lists(queue), json.dumps(job_id),
+                                    SCAN_AT_MOST)
+    if not position:
+        return None
+    pace = seconds_per_job(backend, queue)
+    return QueuePlace(queue=queue, position=int(position), waiting=int(waiting),
+                      starts_in_s=round(position * pace, 1) if pace is not None else None)
+
+
+def record_finished(client: Any, queue: str, job_id: str, now: float | None = None) -> None:
+    """A job of `queue` ended (any outcome): the queue's pace is read from the last FINISHED_KEPT of these."""
+    key = finished_key(queue)
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zadd(key, {job_id: time.time() if now is None else now})
+        pipe.zremrangebyrank(key, 0, -FINISHED_KEPT - 1)
+        pipe.expire(key, 86_400)
+        pipe.execute()
+
+
+def seconds_per_job(client: Any, queue: str) -> float | None:
+    """How often a job of the queue ended lately, all its workers together; None with fewer than two ends."""
+    ends = [score for _, score in client.zrange(finished_key(queue), 0, -1, withscores=True)]
+    if len(ends) < 2 or ends[-1] <= ends[0]:
+        return None
+    return (ends[-1] - ends[0]) / (len(ends) - 1)
+
+
+def depth(client: Any, queue: str) -> dict[int, int]:
+    """Jobs waiting in the queue, by priority step."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in queue_lists(queue):
+            pipe.llen(name)
+        return dict(zip(PRIORITY_STEPS, pipe.execute(), strict=True))
+
+
+def oldest_wait_s(client: Any, queue: str, now: float | None = None) -> float | None:
+    """How long the longest-waiting job of the queue has waited (the next to go in each list is its oldest), by the
+    `inpaint_submitted_at` header InpaintClient.submit stamps; None when no waiting job carries one."""
+    now = time.time() if now is None else now
+    with client.pipeline(transaction=False) as pipe:
+        for name in queue_lists(queue):
+            pipe.lindex(name, -1)
+        heads = pipe.execute()
+    waited = []
+    for head in heads:
+        try:
+            submitted = json.loads(head)["headers"]["inpaint_submitted_at"]
+        except (TypeError, ValueError, KeyError):
+            continue
+        if isinstance(submitted, int | float) and not isinstance(submitted, bool):
+            waited.append(max(0.0, now - submitted))
+    return round(max(waited), 3) if waited else None
