@@ -507,11 +507,13 @@ function facts(list, pairs) {
 
 function showQueued(status) {
   if (current.cancelling) return;
-  // the queue position, wherever the service puts it
-  const position = status.position ?? status.queue_position ?? (status.queue || {}).position;
+  // the job's place (status.queue: position 1 is next, waiting in all, starts_in_s at the queue's recent pace)
+  const place = status.queue || {};
+  const starts = place.starts_in_s != null ? `, starts in about ${Math.round(place.starts_in_s)} s` : "";
   if (status.state === "STARTED") setState("Starting: a worker took the job…");
-  else setState(position !== undefined ? `Queued: position ${position} in the queue` : "Queued: waiting for a worker…");
-  facts($("job-facts"), [["Queue position", position]]);
+  else setState(place.position !== undefined
+    ? `Queued: ${place.position} of ${place.waiting} waiting${starts}` : "Queued: waiting for a worker…");
+  facts($("job-facts"), [["Queue position", place.position], ["Starts in (s)", place.starts_in_s ?? undefined]]);
 }
 
 function duration(seconds) {
