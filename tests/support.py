@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import base64
 import io
+import signal
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +135,19 @@ def dead_client(port: int | None = None):
 
     url = f"redis://:{BROKER_PASSWORD}@127.0.0.1:{port or free_port()}/0"
     return InpaintClient.from_settings(Settings(broker_url=url))
+
+
+@contextmanager
+def workers(stack, app, env: dict, *names: str) -> Iterator[list]:
+    """Worker processes named `<name>@<this host>`, ready when the block starts and stopped when it ends (a frozen
+    one is woken first: it could not stop)."""
+    started = [stack.start_worker(f"{name}@{socket.gethostname()}", **env) for name in names]
+    try:
+        for worker in started:
+            worker.wait_ready(app)
+        yield started
+    finally:
+        for worker in started:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGCONT)
+            worker.stop()

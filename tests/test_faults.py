@@ -8,12 +8,10 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
-from tests.support import job_request, outputs, runs, wait_for_step
+from tests.support import job_request, outputs, runs, wait_for_step, workers
 
 pytestmark = pytest.mark.slow  # workers killed and stopped, Redis restarted, S3 down, on a stack of its own
 
@@ -48,18 +46,10 @@ def holder(client, job_id: str, workers) -> object:
     return next(w for w in workers if w.node == node)
 
 
-@contextmanager
-def two_workers(faults, prefix: str) -> Iterator[list]:
+def two_workers(faults, prefix: str):
     """Two workers, ready when the block starts and stopped when it ends."""
     stack, client, env = faults
-    workers = [stack.start_worker(f"{prefix}{name}@{HOST}", **env) for name in "ab"]
-    try:
-        for w in workers:
-            w.wait_ready(client.app)
-        yield workers
-    finally:
-        for w in workers:
-            w.stop()
+    return workers(stack, client.app, env, f"{prefix}a", f"{prefix}b")
 
 
 @pytest.mark.parametrize("kill_at_step", [1, 12])
@@ -173,3 +163,22 @@ def test_s3_down_past_the_retry_budget_fails_with_storage_error_and_no_result_js
         worker.stop()
     assert status.state == "FAILURE" and status.error["code"] == "storage_error", status.error
     assert "result.json" not in outputs(stack, job_id)
+
+
+def test_an_idle_worker_takes_new_work_after_redis_restarts_twice_in_a_row(faults, run_log):
+    """Workers that stop consuming after a Redis reconnect (celery#8030: losses within 2-3 s, #9054, #10205,
+    #10302): Redis restarted twice while the worker waits for work, then a job submitted after, runs."""
+    stack, client, env = faults
+    worker = stack.start_worker(f"flap@{HOST}", **env).wait_ready(client.app)
+    try:
+        stack.redis.restart(down_s=0.5)
+        stack.redis.restart(down_s=0.5)
+        restarted_at = time.monotonic()
+        job_id = client.submit(slow_job(stack, steps=2, step_s=0))
+        status = client.wait(job_id, timeout=60)
+        took_s = time.monotonic() - restarted_at
+    finally:
+        worker.stop()
+    assert status.state == "SUCCESS", status.error
+    assert runs(run_log, job_id) == (1, 1) and outputs(stack, job_id) == ["0.png", "result.json"]
+    print(f"\nRedis restarted twice while the worker was idle: a job submitted after ran, SUCCESS {took_s:.1f} s later")

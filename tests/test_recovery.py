@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
-from tests.support import job_request, outputs, runs, wait_for_step
+from tests.support import job_request, outputs, runs, wait_for_step, workers
 
 pytestmark = pytest.mark.slow  # real workers killed and frozen
 
-HOST = socket.gethostname()
 STEPS, STEP_S = 24, 0.1
 # what the job takes on its own (steps, and a few seconds to load inputs, decode and upload on a busy 2-core
 # machine), plus the 30 s the recovery may take: a job that came back only after the visibility timeout (an hour)
@@ -40,21 +36,6 @@ def recovery(tiny_model_dir, tmp_path_factory, worker_env):
     assert stack.settings().visibility_timeout_s == Settings.model_fields["visibility_timeout_s"].default == 3600
     yield stack, client
     stack.stop()
-
-
-@contextmanager
-def workers(recovery, worker_env, *names: str) -> Iterator[list]:
-    stack, client = recovery
-    started = [stack.start_worker(f"{name}@{HOST}", **worker_env) for name in names]
-    try:
-        for worker in started:
-            worker.wait_ready(client.app)
-        yield started
-    finally:
-        for worker in started:
-            if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGCONT)  # a frozen one cannot stop
-            worker.stop()
 
 
 def running_on(client, job_id: str, candidates: list) -> object:
@@ -80,7 +61,7 @@ def logs(*started) -> str:
 def test_a_job_whose_worker_is_killed_runs_again_on_the_other_within_seconds(recovery, worker_env, run_log,
                                                                                kill_at_step):
     stack, client = recovery
-    with workers(recovery, worker_env, f"kill{kill_at_step}-a", f"kill{kill_at_step}-b") as pair:
+    with workers(stack, client.app, worker_env, f"kill{kill_at_step}-a", f"kill{kill_at_step}-b") as pair:
         job_id = client.submit(slow_job(stack))
         victim = running_on(client, job_id, pair)
         wait_for_step(client, job_id, kill_at_step)
@@ -100,11 +81,11 @@ def test_a_job_whose_worker_is_killed_runs_again_on_the_other_within_seconds(rec
 def test_the_jobs_of_a_lost_host_run_on_another_host(recovery, worker_env, run_log):
     stack, client = recovery
     steps, step_s = 60, 0.3  # long enough to be running still once host b's worker is up
-    with workers(recovery, worker_env, "host-a-gpu0", "host-a-gpu1") as host_a:
+    with workers(stack, client.app, worker_env, "host-a-gpu0", "host-a-gpu1") as host_a:
         jobs = [client.submit(slow_job(stack, steps, step_s)) for _ in host_a]
         victims = {running_on(client, job_id, host_a) for job_id in jobs}
         assert victims == set(host_a)  # one job on each of host a's workers
-        with workers(recovery, worker_env, "host-b-gpu0") as (host_b,):
+        with workers(stack, client.app, worker_env, "host-b-gpu0") as (host_b,):
             assert not any(client.status(job_id).done for job_id in jobs)
             killed_at = time.monotonic()
             for worker in host_a:  # the whole host at once, none restarted
@@ -120,7 +101,7 @@ def test_the_jobs_of_a_lost_host_run_on_another_host(recovery, worker_env, run_l
 
 def test_a_frozen_worker_loses_its_job_and_writes_no_second_outcome_when_it_wakes(recovery, worker_env, run_log):
     stack, client = recovery
-    with workers(recovery, worker_env, "frozen-a", "frozen-b") as pair:
+    with workers(stack, client.app, worker_env, "frozen-a", "frozen-b") as pair:
         job_id = client.submit(slow_job(stack))
         frozen = running_on(client, job_id, pair)
         other = next(worker for worker in pair if worker is not frozen)
@@ -141,7 +122,7 @@ def test_a_frozen_worker_loses_its_job_and_writes_no_second_outcome_when_it_wake
 
 def test_a_worker_killed_while_uploading_has_its_job_run_again(recovery, worker_env, run_log):
     stack, client = recovery
-    with workers(recovery, worker_env, "upload-a", "upload-b") as pair:
+    with workers(stack, client.app, worker_env, "upload-a", "upload-b") as pair:
         job_id = client.submit(slow_job(stack, upload_s=3))
         victim = running_on(client, job_id, pair)
         deadline = time.monotonic() + 60
