@@ -21,8 +21,10 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
     A worker keeps trying to store an outcome through a Redis restart (a job's result must not be
     lost); a client that did the same would hang a web request for minutes (`status` took 95 s).
     """
-    # the task module (which needs torch) is imported by workers only, never by clients
-    app = Celery("inpaint_worker", broker=settings.broker_url, backend=settings.backend_url, include=["worker.tasks"],
+    # the task module (which needs torch) is imported by workers only, never by clients; redis_policy first: its
+    # check at start runs before the model loads
+    app = Celery("inpaint_worker", broker=settings.broker_url, backend=settings.backend_url,
+                 include=["worker.redis_policy", "worker.tasks"],
                  events=None if client else "worker.lease:CopyAwareEvents")
     app.conf.update(
         # JSON only: a pickled message is refused before anything is executed
@@ -58,9 +60,11 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
             # a job's priority (0 the most urgent) picks its list: worker/queues.py
             "queue_order_strategy": "priority",
             "priority_steps": list(PRIORITY_STEPS),
+            **settings.redis_transport_options(settings.broker_url),  # Sentinel: the master's name, their password
         },
         redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                          **settings.redis_transport_options(settings.backend_url)},
         # a Redis restart during a job must not lose its outcome: keep trying to store it
         result_backend_always_retry=not client,
         result_backend_max_retries=30,
@@ -70,7 +74,8 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
         app.conf.update(
             # a lost connection while waiting on a job's pub/sub channel: a few quick tries, then an error
             result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                              "retry_policy": CLIENT_RETRY_POLICY},
+                                              "retry_policy": CLIENT_RETRY_POLICY,
+                                              **settings.redis_transport_options(settings.backend_url)},
             task_publish_retry_policy=CLIENT_RETRY_POLICY,
             redis_socket_timeout=CLIENT_SOCKET_TIMEOUT_S,
             # a broker that takes the connection and never answers would hold a submit forever (kombu: no timeout)

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # what both kombu (the broker) and Celery (the result backend) take for Redis; they know no unix://
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
+SENTINEL_SCHEME = "sentinel://"  # Sentinels that name the master: sentinel://h1:26379;sentinel://h2:26379 (both)
+SENTINEL_TIMEOUT_S = 5.0  # bounds a connect to, and a reply from, one Sentinel; the next one is asked after it
 CERT_REQS = ("required", "optional", "none", "CERT_REQUIRED", "CERT_OPTIONAL", "CERT_NONE")  # what Celery takes
 
 
@@ -89,8 +91,13 @@ class Settings(BaseSettings):
     fast_shift: float = Field(3.0, gt=0, le=100, description="Fast mode's scheduler shift (Lightning was distilled "
                               "with 3)")
 
-    broker_url: str = Field("redis://localhost:6379/0", description="Celery broker (Redis)")
+    broker_url: str = Field("redis://localhost:6379/0", description="Celery broker (Redis), or the Sentinels that "
+                            "name its master: sentinel://:pw@h1:26379;sentinel://:pw@h2:26379 (pw: the master's)")
     result_backend: str | None = Field(None, description="Celery result backend; defaults to the broker")
+    redis_master_name: str | None = Field(None, description="The master's name in Sentinel (`sentinel monitor "
+                                          "<name> ...`): required with sentinel:// URLs, for broker and backend")
+    redis_sentinel_password: SecretStr | None = Field(None, description="The Sentinels' own password (their "
+                                                      "requirepass), if they have one; never logged")
     queue: str = Field("celery", description="The queue workers consume and jobs are sent to")
     result_expires_s: int = Field(86400, gt=0, description="How long job states and results stay in Redis")
     visibility_timeout_s: float = Field(
@@ -180,7 +187,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a log level: use {', '.join(LOG_LEVELS)} (in any case)")
         return level
 
-    @field_validator("result_backend", "s3_endpoint_url", mode="before")
+    @field_validator("result_backend", "s3_endpoint_url", "redis_master_name", "redis_sentinel_password",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value  # INPAINT_RESULT_BACKEND= in a .env
@@ -202,11 +210,14 @@ class Settings(BaseSettings):
                                  "check), the TLS certificate check Celery's Redis client must be told")
         if value is None or value.startswith(REDIS_SCHEMES):
             return value
+        if value.startswith(SENTINEL_SCHEME):
+            return sentinel_urls(value)
         # only the scheme is shown: the rest of the URL may hold a password
         scheme = re.match(r"[a-z][a-z0-9+.-]{0,15}(?=://)", value)
         found = f"scheme {scheme.group(0)}://" if scheme else "no scheme"
         raise ValueError(f"must be a Redis URL starting with {', '.join(REDIS_SCHEMES)}, not one with {found} "
-                         "(a Unix socket: redis+socket:///path/to/redis.sock)")
+                         "(a Unix socket: redis+socket:///path/to/redis.sock), or Sentinels: "
+                         "sentinel://h1:26379;sentinel://h2:26379")
 
     @field_validator("queue")
     @classmethod
@@ -220,6 +231,28 @@ class Settings(BaseSettings):
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
+
+    @model_validator(mode="after")
+    def _sentinels_need_a_master_name(self) -> Settings:
+        sentinels = any(url.startswith(SENTINEL_SCHEME) for url in (self.broker_url, self.backend_url))
+        if sentinels and not self.redis_master_name:
+            raise ValueError("INPAINT_REDIS_MASTER_NAME must be set with sentinel:// URLs: the name the Sentinels "
+                             "know the master by (`sentinel monitor <name> <host> <port> <quorum>`)")
+        if not sentinels and (self.redis_master_name or self.redis_sentinel_password):
+            raise ValueError("INPAINT_REDIS_MASTER_NAME and INPAINT_REDIS_SENTINEL_PASSWORD are for sentinel:// "
+                             "URLs, and neither INPAINT_BROKER_URL nor INPAINT_RESULT_BACKEND is one")
+        return self
+
+    def redis_transport_options(self, url: str) -> dict:
+        """What kombu (broker) and Celery (backend) need beside a sentinel:// URL: the master's name, and how to
+        talk to the Sentinels themselves (their password; timeouts, so a Sentinel that hangs is skipped for the
+        next). Nothing for a plain Redis URL."""
+        if not url.startswith(SENTINEL_SCHEME):
+            return {}
+        sentinel_kwargs: dict = {"socket_connect_timeout": SENTINEL_TIMEOUT_S, "socket_timeout": SENTINEL_TIMEOUT_S}
+        if self.redis_sentinel_password is not None:
+            sentinel_kwargs["password"] = self.redis_sentinel_password.get_secret_value()
+        return {"master_name": self.redis_master_name, "sentinel_kwargs": sentinel_kwargs}
 
     @field_validator("lora_dir", "fast_adapter", mode="before")
     @classmethod
@@ -237,6 +270,16 @@ class Settings(BaseSettings):
     @classmethod
     def _lowercase_hosts(cls, value: list[str]) -> list[str]:
         return [host.lower().strip("[]") for host in value]  # as urlsplit gives a URL's hostname: no IPv6 brackets
+
+
+def sentinel_urls(value: str) -> str:
+    """`sentinel://[:password@]host:port[/db]`, one per Sentinel, joined by `;` (kombu's and Celery's form)."""
+    for part in value.split(";"):
+        if not part.startswith(SENTINEL_SCHEME) or not urlsplit(part).hostname:
+            raise ValueError("must list Sentinels as sentinel://host:port, joined by ';' (sentinel://:password@"
+                             "h1:26379/0;sentinel://:password@h2:26379/0, the password being the master's), each "
+                             "one with a host")
+    return value
 
 
 @lru_cache(maxsize=1)

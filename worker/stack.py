@@ -77,8 +77,10 @@ def stop_process(process: subprocess.Popen | None, sig: int = signal.SIGTERM, ti
 
 
 class RedisServer:
-    def __init__(self, directory: Path, appendonly: bool = False, password: str | None = None):
+    def __init__(self, directory: Path, appendonly: bool = False, password: str | None = None,
+                 args: tuple[str, ...] = ()):
         self.directory, self.appendonly, self.password = directory, appendonly, password
+        self.args = args  # more of redis-server's options, e.g. ("--replicaof", host, port)
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -95,6 +97,7 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         log_path = self.directory / "redis.log"
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
