@@ -257,8 +257,20 @@ class InpaintClient:
         """Where a queued job waits: in the queue submit sent it to (the default queue for one sent otherwise)."""
         claim = claim.decode() if isinstance(claim, bytes) else claim
         queue = claim.partition(":")[2] if claim and claim.startswith("sent:") else self.app.conf.task_default_queue
-        with self._reaching(self._broker_url), self.app.pool.acquire(block=True) as connection:
-            return place(connection.default_channel.client, self.redis, queue, job_id)
+        try:
+            with self.app.pool.acquire(block=True) as connection:
+                return place(connection.default_channel.client, self.redis, queue, job_id)
+        except Exception as error:
+            if connection_error(error) is None:
+                raise
+        try:  # a pooled connection to a Redis that restarted since: a fresh one, once
+            with self.app.connection_for_read() as connection:
+                return place(connection.default_channel.client, self.redis, queue, job_id)
+        except Exception as error:
+            if connection_error(error) is None:
+                raise
+            log.warning("could not read job %s's place in its queue: %s", job_id, error)
+            return None  # the status is known without it
 
     def wait(self, job_id: str, timeout: float = 600.0) -> JobStatus:
         """Block until the job ends (Redis tells us at once); raise TimeoutError after `timeout` seconds."""
