@@ -45,7 +45,7 @@ from .protocol import (
     kwargs_summary,
     submitted_key,
 )
-from .queues import QUEUE_PATTERN, place
+from .queues import QUEUE_PATTERN, broker_redis, place
 from .redaction import redacted_reference
 from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, QueuePlace, parse_request
 from .settings import Settings
@@ -258,14 +258,14 @@ class InpaintClient:
         claim = claim.decode() if isinstance(claim, bytes) else claim
         queue = claim.partition(":")[2] if claim and claim.startswith("sent:") else self.app.conf.task_default_queue
         try:
-            with self.app.pool.acquire(block=True) as connection:
-                return place(connection.default_channel.client, self.redis, queue, job_id)
+            with broker_redis(self.app) as broker:
+                return place(broker, self.redis, queue, job_id)
         except Exception as error:
             if connection_error(error) is None:
                 raise
         try:  # a pooled connection to a Redis that restarted since: a fresh one, once
-            with self.app.connection_for_read() as connection:
-                return place(connection.default_channel.client, self.redis, queue, job_id)
+            with broker_redis(self.app, fresh=True) as broker:
+                return place(broker, self.redis, queue, job_id)
         except Exception as error:
             if connection_error(error) is None:
                 raise

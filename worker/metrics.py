@@ -53,8 +53,7 @@ class QueueCollector:
         oldest = GaugeMetricFamily("inpaint_queue_oldest_wait_seconds", "How long the longest-waiting job of the "
                                    "queue has waited (jobs sent by InpaintClient.submit)", labels=["queue"])
         try:
-            with self.app.pool.acquire(block=True, timeout=5) as connection:
-                client = connection.default_channel.client
+            with queues.broker_redis(self.app) as client:
                 for queue in sorted(set(self.queue_names())):
                     for step, waiting in queues.depth(client, queue).items():
                         depth.add_metric([queue, str(step)], waiting)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .schema import QueuePlace
@@ -43,6 +45,16 @@ for _, key in ipairs(KEYS) do
 end
 return {0, total}
 """
+
+
+@contextmanager
+def broker_redis(app: Any, fresh: bool = False) -> Iterator[Any]:
+    """A Redis client of the app's broker, as kombu makes one for its own reads of the queue (Sentinel-aware; not
+    the channel's `client`, which shares the connection a consumer polls on); `fresh`: a new connection, not one
+    from the app's pool."""
+    with app.connection_for_read() if fresh else app.pool.acquire(block=True) as connection:
+        with connection.default_channel.conn_or_acquire() as client:
+            yield client
 
 
 def list_name(queue: str, step: int) -> str:

@@ -34,9 +34,8 @@ def requeue_orphans(app: Any, now: float | None = None) -> list[str]:
     """Put back in their queues the jobs whose messages are unacked and whose leases lapsed; their ids."""
     now = time.time() if now is None else now
     requeued = []
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        qos, client = channel.qos, channel.client
+    with app.connection_for_write() as connection, connection.default_channel.conn_or_acquire() as client:
+        qos = connection.default_channel.qos
         try:
             with Mutex(client, qos.unacked_mutex_key, qos.unacked_mutex_expire):
                 for tag, raw in client.hgetall(qos.unacked_key).items():
@@ -62,10 +61,10 @@ def give_back(app: Any, delivery_tag: str | None) -> bool:
     the job up): what the sweep would do, at once. False when it is no longer unacked (the sweep put it back)."""
     if delivery_tag is None:
         return False
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        held = channel.client.hexists(channel.qos.unacked_key, delivery_tag)
-        channel.qos.restore_by_tag(delivery_tag, channel.client)  # one watched transaction: never twice
+    with app.connection_for_write() as connection, connection.default_channel.conn_or_acquire() as client:
+        qos = connection.default_channel.qos
+        held = client.hexists(qos.unacked_key, delivery_tag)
+        qos.restore_by_tag(delivery_tag, client)  # one watched transaction: never twice
     return bool(held)
 
 
