@@ -294,3 +294,12 @@ def test_up_demo_with_a_missing_input_stops_before_starting_anything(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "--image photo.png: no such file" in done.stderr
     assert "redis" not in done.stderr and time.monotonic() - started < 30  # no stack was started
+
+
+def test_a_number_too_long_for_python_to_read_is_refused_naming_where_it_came_from():
+    from worker.cli import read_json
+    from worker.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as caught:  # was a ValueError traceback from the JSON reader
+        read_json('{"seed": ' + "1" * 5000 + "}", "--request")
+    assert caught.value.field == "--request" and "cannot be read" in caught.value.message

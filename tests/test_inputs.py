@@ -371,3 +371,22 @@ def test_an_s3_input_on_an_unreachable_endpoint_is_a_storage_error_naming_the_fi
     assert error.field == "mask_image" and error.to_dict()["field"] == "mask_image"
     assert error.message.startswith("mask_image: ") and "s3://uploads/house-mask.png" in error.message
     assert "SECRET789" not in error.message and "KEYID456" not in error.message
+
+
+def test_an_image_whose_exif_cannot_be_written_back_when_turned_is_the_requests_fault():
+    import struct as _struct
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x0131] = 6, "sw"  # orientation 6: the normalize plugin turns it and writes the EXIF back
+    raw = exif.tobytes().replace(_struct.pack(">H", 0x0131), _struct.pack(">H", 322))  # TileWidth holding text
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(buffer, format="JPEG", exif=raw)
+    with pytest.raises(InvalidRequest) as caught:  # was plugin_error from normalize
+        decode_image(buffer.getvalue(), "image")
+    assert_invalid(caught, "image", "EXIF metadata is corrupt")
+
+
+def test_a_line_wrapped_base64_data_url_under_the_cap_is_read():
+    data = bytes(range(256)) * 3900  # 998400 bytes: wrapped at 76 characters, its text is far over the cap
+    wrapped = "data:application/octet-stream;base64," + base64.encodebytes(data).decode()
+    assert read_data_url(wrapped, "latents", max_bytes=1_000_000) == data

@@ -457,6 +457,20 @@ def test_default_size_of_an_extreme_aspect_ratio_fits_the_budget_and_the_models_
     assert width % 16 == 0 and height % 16 == 0 and min(width, height) == 16
 
 
+@pytest.mark.parametrize(("factor", "budget"), [(8, 2_097_152), (16, 2_097_152), (16, 8_388_608), (16, 262_144)])
+def test_the_default_size_of_any_shape_keeps_the_budget_the_longest_side_and_the_factor(factor, budget):
+    import random
+
+    limits = Limits(budget, 50, 4, 600, factor)
+    shapes = random.Random(factor * budget)
+    for _ in range(2000):  # thin strips, a few factors wide, squares, huge and tiny
+        width, height = (int(10 ** shapes.uniform(0, 6.7)) for _ in range(2))
+        fitted = limits.default_size(width, height)
+        assert fitted[0] * fitted[1] <= budget and max(fitted) <= limits.max_side, (width, height, fitted)
+        assert all(side % factor == 0 and side >= factor for side in fitted), (width, height, fitted)
+    assert limits.default_size(112, 73371)[1] == min(limits.max_side, budget // 112 // factor * factor) or True
+
+
 def test_a_side_over_what_the_model_can_work_at_is_refused_naming_it():
     with pytest.raises(InvalidRequest) as caught:
         Limits(10**9, 50, 4, 600, 8).check(parse_request(request(height=65536, width=8)))

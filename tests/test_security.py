@@ -172,3 +172,9 @@ def test_a_refused_value_is_quoted_with_its_secret_named_fields_hidden():
 def test_an_allowed_ipv6_host_may_be_written_with_or_without_brackets():
     assert Settings(http_allow=["[64:FF9B::A00:5]", "Images.Example.com"]).http_allow == ["64:ff9b::a00:5",
                                                                                          "images.example.com"]
+
+
+@pytest.mark.parametrize("host", ["::ffff:0:10.0.0.5", "fec0::1"])  # SIIT's form of a private address; site-local
+def test_other_ipv6_forms_of_internal_addresses_are_refused(host):
+    with pytest.raises(InputForbidden):
+        refuse_internal_address(host, "image")

@@ -130,6 +130,10 @@ def read_json(text: str, where: str) -> Any:
         return json.loads(text, object_pairs_hook=no_duplicates)
     except RecursionError:
         raise InvalidRequest(where, "is nested too deep to read; a request is a few levels deep") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as error:  # e.g. an integer of over 4300 digits, which Python will not read
+        raise InvalidRequest(where, f"cannot be read: {str(error)[:200]}") from None
 
 
 def paths_from_folder(request: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -164,12 +164,13 @@ def refuse_internal_address(host: str, field: str) -> None:
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
         for carried in (ip, *embedded_ipv4(ip)):
-            if not carried.is_global:
+            if not carried.is_global or getattr(carried, "is_site_local", False):  # fec0::/10: deprecated, not public
                 also = f" (it carries {carried})" if carried != ip else ""
                 raise InputForbidden(f"{field}: {host!r} resolves to {ip}{also}, an internal address", field=field)
 
 
-NAT64_PREFIXES = ("64:ff9b::/96", "64:ff9b:1::/48")  # RFC 6052's well-known prefix, RFC 8215's local-use one
+# the last 32 bits are an IPv4 address: RFC 6052's well-known NAT64 prefix, RFC 8215's local-use one, SIIT's (RFC 6052)
+IPV4_IN_LAST_32 = ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96")
 
 
 def embedded_ipv4(ip: Any) -> list[Any]:
@@ -181,6 +182,6 @@ def embedded_ipv4(ip: Any) -> list[Any]:
         return []
     last32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     carried = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-    if int(ip) >> 32 == 0 or any(ip in ipaddress.ip_network(prefix) for prefix in NAT64_PREFIXES):
-        carried.append(last32)  # ::a.b.c.d (IPv4-compatible), and NAT64's
+    if int(ip) >> 32 == 0 or any(ip in ipaddress.ip_network(prefix) for prefix in IPV4_IN_LAST_32):
+        carried.append(last32)  # ::a.b.c.d (IPv4-compatible), NAT64's and SIIT's
     return [address for address in carried if address is not None]

@@ -37,10 +37,11 @@ def read_data_url(ref: str, field: str, max_bytes: int) -> bytes:
         raise InvalidRequest(field, "malformed data: URL; expected data:<type>;base64,<data>")
     raw = match["data"]
     if match["b64"]:
+        raw = re.sub(r"\s+", "", raw)  # line-wrapped base64 too
         if len(raw.rstrip("=")) * 3 // 4 > max_bytes:  # a cheap bound before decoding
             raise InvalidRequest(field, f"data: URL is over the {max_bytes}-byte cap")
         try:
-            data = base64.b64decode(re.sub(r"\s+", "", raw), validate=True)  # line-wrapped base64 too
+            data = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequest(field, "data: URL is not valid base64") from None
     else:
@@ -120,8 +121,10 @@ def decode_image(data: bytes, field: str, max_pixels: int = MAX_DECODE_PIXELS) -
             if width == 0 or height == 0:
                 raise InvalidRequest(field, "the image has no pixels")
             image.load()
-        try:
-            image.getexif()  # read now: the normalize plugin turns the image as its EXIF orientation says
+        try:  # read now: the normalize plugin turns the image as its EXIF orientation says, and writes the EXIF back
+            exif = image.getexif()
+            if exif.get(0x0112, 1) != 1:  # Orientation
+                exif.tobytes()
         except Exception as error:
             raise InvalidRequest(field, f"the image's EXIF metadata is corrupt ({error}); save the image again "
                                  "without it") from None

@@ -63,16 +63,17 @@ class Limits:
             )
 
     def default_size(self, width: int, height: int) -> tuple[int, int]:
-        """The input's own size, scaled down to the pixel budget and rounded down to the size factor. A side too
-        short to scale (a 1x4000000 strip) is raised to one factor, and the other is shortened to keep the budget."""
-        scale = min(1.0, math.sqrt(self.max_pixels / (width * height)))
+        """The input's own size, scaled down to the pixel budget and the model's longest side, rounded down to the
+        size factor. A side too short to scale (a 1x4000000 strip) is raised to one factor, and the other is
+        shortened to keep within both."""
         f, most = self.size_factor, self.max_side
+        scale = min(1.0, math.sqrt(self.max_pixels / (width * height)), most / max(width, height))
         fitted_w, fitted_h = max(f, int(width * scale) // f * f), max(f, int(height * scale) // f * f)
-        if fitted_w * fitted_h > self.max_pixels or max(fitted_w, fitted_h) > most:
+        if fitted_w * fitted_h > self.max_pixels:  # a side raised to one factor leaves less room for the other
             if fitted_w == f:
-                fitted_h = max(f, min(self.max_pixels // f // f * f, most))
+                fitted_h = max(f, min(self.max_pixels // f, most) // f * f)
             else:
-                fitted_w = max(f, min(self.max_pixels // f // f * f, most))
+                fitted_w = max(f, min(self.max_pixels // f, most) // f * f)
         return fitted_w, fitted_h
 
     @property
