@@ -78,12 +78,12 @@ def test_a_queued_job_is_told_when_it_may_start_once_the_queue_has_a_pace(stack,
         for _ in range(3):  # the pace: how often a job of the queue ended lately
             assert client.wait(client.submit(job_request(stack, num_inference_steps=2), queue=queue)).done
         busy = client.submit(job_request(stack, num_inference_steps=8, strength=1.0,
-                                         plugins={"testkit": {"step_s": 0.3}}), queue=queue)
+                                         plugins={"testkit": {"step_s": 1.0}}), queue=queue)
         while client.status(busy).state == "PENDING":
             time.sleep(0.05)
         queued = [client.submit(job_request(stack, num_inference_steps=2), queue=queue) for _ in range(3)]
         places = [client.status(job_id).queue for job_id in queued]
-        assert [place.position for place in places] == [1, 2, 3]
+        assert [place.position for place in places] == [1, 2, 3], (places, client.status(busy))
         assert all(place.starts_in_s is not None and place.starts_in_s > 0 for place in places)
         assert places[0].starts_in_s < places[1].starts_in_s < places[2].starts_in_s
         for job_id in [busy, *queued]:

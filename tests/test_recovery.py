@@ -134,3 +134,45 @@ def test_a_worker_killed_while_uploading_has_its_job_run_again(recovery, worker_
     assert status.state == "SUCCESS", status.error
     assert runs(run_log, job_id) == (2, 1)
     assert outputs(stack, job_id) == ["0.png", "result.json"]
+
+
+def test_a_frozen_worker_that_wakes_while_the_rerun_runs_leaves_the_job_recoverable(recovery, worker_env, run_log):
+    """Its late reject must not remove the rerun's record of the job: when the rerun's worker dies too, the job
+    still comes back (kombu keeps a message's delivery tag across restores; the sweep gives it a new one)."""
+    stack, client = recovery
+    with workers(stack, client.app, worker_env, "woken-a", "woken-b") as pair:
+        job_id = client.submit(slow_job(stack, steps=40, step_s=0.3))
+        frozen = running_on(client, job_id, pair)
+        other = next(worker for worker in pair if worker is not frozen)
+        wait_for_step(client, job_id, 3)
+        frozen.process.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + RECOVERED_WITHIN_S
+        while client.status(job_id).result is None and (client.status(job_id).progress or None) is not None \
+                and "put back at the front of its queue" not in logs(other):  # the sweep requeued it
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        wait_for_step(client, job_id, 3)  # the rerun, on the other worker
+        frozen.process.send_signal(signal.SIGCONT)
+        while "ends without an outcome" not in logs(frozen):
+            assert time.monotonic() < deadline + 30, logs(frozen)[-3000:]
+            time.sleep(0.2)
+        other.stop(signal.SIGKILL)  # the rerun's worker dies too: the woken one must get the job back
+        status = client.wait(job_id, timeout=RECOVERED_WITHIN_S + 40 * 0.3)
+    assert status.state == "SUCCESS" and status.result.worker["node"] == frozen.node, status.error
+    assert outputs(stack, job_id) == ["0.png", "result.json"]
+
+
+def test_a_protocol_1_message_is_known_as_a_job_by_the_sweep(recovery):
+    import json
+
+    import redis
+
+    from worker.app import make_app
+    from worker.requeue import inpaint_job_id
+
+    stack, client = recovery
+    sender = make_app(stack.settings(), client=True)
+    sender.conf.task_protocol = 1  # as celery-node sends by default, its task name and id in the body
+    sent = sender.send_task("inpaint", kwargs={"request": {"prompt": "a fig"}}, queue="nobody-takes-this")
+    raw = redis.Redis.from_url(stack.redis.url).lindex("nobody-takes-this", -1)
+    assert inpaint_job_id(json.loads(raw)) == sent.id

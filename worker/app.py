@@ -57,8 +57,7 @@ def make_app(settings: Settings, client: bool = False) -> Celery:
             "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
             # a host that drops packets would otherwise hold a connect for the kernel's ~2 minutes of SYN retries
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
-            # a job's priority (0 the most urgent) picks its list: worker/queues.py
-            "queue_order_strategy": "priority",
+            # a job's priority (0 the most urgent) picks its list: worker/queues.py (several queues: round robin)
             "priority_steps": list(PRIORITY_STEPS),
             **settings.redis_transport_options(settings.broker_url),  # Sentinel: the master's name, their password
         },

@@ -45,7 +45,7 @@ from .protocol import (
     kwargs_summary,
     submitted_key,
 )
-from .queues import QUEUE_PATTERN, broker_redis, place
+from .queues import QUEUE_PATTERN, broker_redis, mark_waiting, place
 from .redaction import redacted_reference
 from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, QueuePlace, parse_request
 from .settings import Settings
@@ -221,6 +221,7 @@ class InpaintClient:
                 raise
         try:
             self.redis.set(submitted_key(job_id), f"sent:{queue}", ex=self.result_expires_s)  # where it waits
+            mark_waiting(self.redis, queue, priority, job_id)  # its place is read from this index
         except Exception as error:  # the job is queued; only a retry after claim_hold_s could send it twice
             log.warning("job %s is queued but its claim could not be confirmed: %s", job_id, error)
 

@@ -37,10 +37,18 @@ class JobLease:
     def acquire(self) -> bool:
         if not self.redis.set(self.key, self.token, nx=True, px=LEASE_S * 1000):
             return False
+        self._start_renewing()
+        return True
+
+    def _start_renewing(self) -> None:
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._renew_loop,),  # the job id
                                         name=f"lease-{self.job_id[:8]}", daemon=True)  # on its log lines
         self._thread.start()
-        return True
+
+    def take_over(self) -> None:
+        """Hold the lease whoever held it (a holder that ran past the visibility timeout is taken to be stuck)."""
+        self.redis.set(self.key, self.token, px=LEASE_S * 1000)
+        self._start_renewing()
 
     def taken(self) -> bool:
         """Whether this worker lost the lease: it was frozen, or cut off from Redis, for longer than LEASE_S,

@@ -38,6 +38,11 @@ def lease_key(job_id: str) -> str:
     return f"inpaint:running:{job_id}"
 
 
+def waiting_copy_key(job_id: str) -> str:
+    """Held (renewed each second) by a copy that waits for the worker running its job: not a dead worker's job."""
+    return f"inpaint:waiting-copy:{job_id}"
+
+
 def kwargs_summary(payload: dict) -> str:
     """The task's kwargs as task events show them: data: URLs by size, URLs without query, secrets hidden."""
     text = repr({"request": redacted(payload)})

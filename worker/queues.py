@@ -1,8 +1,8 @@
 """What the queues hold: how deep each queue is at each priority, where a waiting job stands, when it may start.
 
-Jobs wait in Redis lists, one per queue and priority step (kombu's Redis transport, `queue_order_strategy`
-"priority", its default steps 0, 3, 6, 9): `<queue>` holds priorities 0-2, `<queue>\\x06\\x163` 3-5, `...6` 6-8,
-`...9` 9. A worker takes the next job from the right end of the most urgent non-empty list of its queues: 0 is
+Jobs wait in Redis lists, one per queue and priority step (kombu's Redis transport, its default steps 0, 3, 6,
+9): `<queue>` holds priorities 0-2, `<queue>\\x06\\x163` 3-5, `...6` 6-8, `...9` 9. A worker takes the next job
+from the right end of the most urgent non-empty list of its queues (round robin between queues at a step): 0 is
 the most urgent (the Redis way; RabbitMQ's is the other way round), and a message without a priority is a 0.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from bisect import bisect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,32 +21,7 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a queue's name
 SEPARATOR = "\x06\x16"
 FINISHED_KEPT = 50  # the recent job ends a queue's rate is read from
-SCAN_AT_MOST = 10_000  # messages looked through for a job's place; past them its place is not told
-
-# KEYS: a queue's lists, most urgent first; ARGV[1]: the job id, quoted as a message's JSON holds it; ARGV[2]: the
-# most messages to look through. Looks from the right end of each list (the next to go), 200 messages a read, for
-# the message that carries the id: {its place (1 is next), messages waiting in all}; place 0 when not found.
-FIND_PLACE = """
-local ahead, total, looked = 0, 0, 0
-for _, key in ipairs(KEYS) do total = total + redis.call('LLEN', key) end
-for _, key in ipairs(KEYS) do
-    local length = redis.call('LLEN', key)
-    local from = 0
-    while from < length and looked < tonumber(ARGV[2]) do
-        local chunk = redis.call('LRANGE', key, -(from + 200), -(from + 1))
-        for i = #chunk, 1, -1 do
-            looked = looked + 1
-            if string.find(chunk[i], ARGV[1], 1, true) then
-                return {ahead + from + (#chunk - i) + 1, total}
-            end
-        end
-        from = from + #chunk
-    end
-    ahead = ahead + length
-end
-return {0, total}
-"""
-
+WAITING_KEPT_S = 86_400  # a job nobody took for this long leaves the index of waiting jobs
 
 @contextmanager
 def broker_redis(app: Any, fresh: bool = False) -> Iterator[Any]:
@@ -70,15 +46,50 @@ def finished_key(queue: str) -> str:
     return f"inpaint:finished:{queue}"
 
 
+def waiting_key(queue: str, step: int) -> str:
+    """The jobs `InpaintClient.submit` sent to a queue's list that no worker has taken yet, by when they were sent
+    (a job put back after its worker died: first). Their places are read here, not by looking through the list,
+    whose messages can be megabytes each."""
+    return f"inpaint:waiting:{queue}:{step}"
+
+
+def step_of(priority: int) -> int:
+    """The priority step (list) a priority goes to, as kombu picks it."""
+    return PRIORITY_STEPS[bisect(PRIORITY_STEPS, priority) - 1]
+
+
+def mark_waiting(client: Any, queue: str, priority: int, job_id: str, front: bool = False,
+                 now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    key = waiting_key(queue, step_of(priority))
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zadd(key, {job_id: 0 if front else now})
+        pipe.zremrangebyscore(key, "(0", now - WAITING_KEPT_S)
+        pipe.expire(key, WAITING_KEPT_S)
+        pipe.execute()
+
+
+def mark_taken(client: Any, queue: str, job_id: str) -> None:
+    with client.pipeline(transaction=False) as pipe:
+        for step in PRIORITY_STEPS:
+            pipe.zrem(waiting_key(queue, step), job_id)
+        pipe.execute()
+
+
 def place(broker: Any, backend: Any, queue: str, job_id: str) -> QueuePlace | None:
-    """The job's place in its queue (the broker's Redis), or None when it waits in none of the queue's lists (not
-    queued, taken, or past the first SCAN_AT_MOST messages); its start at the pace the result backend recorded."""
-    position, waiting = broker.eval(FIND_PLACE, len(PRIORITY_STEPS), *queue_lists(queue), json.dumps(job_id),
-                                    SCAN_AT_MOST)
-    if not position:
+    """The job's place in its queue: the jobs in more urgent lists (the broker's lengths) and those sent before it
+    to its own (the index of waiting jobs); None when it waits in none (not sent by submit, or taken)."""
+    with backend.pipeline(transaction=False) as pipe:
+        for step in PRIORITY_STEPS:
+            pipe.zrank(waiting_key(queue, step), job_id)
+        ranks = pipe.execute()
+    found = [index for index, rank in enumerate(ranks) if rank is not None]
+    if not found:
         return None
+    lengths = list(depth(broker, queue).values())
+    position = sum(lengths[:found[0]]) + ranks[found[0]] + 1
     pace = seconds_per_job(backend, queue)
-    return QueuePlace(queue=queue, position=int(position), waiting=int(waiting),
+    return QueuePlace(queue=queue, position=position, waiting=max(sum(lengths), position),
                       starts_in_s=round(position * pace, 1) if pace is not None else None)
 
 

@@ -9,8 +9,9 @@ kombu's `unacked_mutex`, one watched transaction per message), once. The worker 
 drops it if the job ended (its ack was lost) and ends it as `cancelled` if a cancel was asked for; only a job that
 neither ended nor was cancelled runs again. The visibility timeout stays as the last backstop.
 
-A worker that is alive but slow keeps renewing its lease and is never swept; one frozen for longer than a lease
-(SIGSTOP, a stalled host) finds the lease taken when it wakes and ends without writing an outcome (worker/tasks.py).
+A worker that is alive but slow keeps renewing its lease and is never swept, nor is a copy waiting for it; one frozen
+for longer than a lease (SIGSTOP, a stalled host) finds its lease lapsed when it wakes and ends without writing an
+outcome, its message rejected back to the queue if the sweep has not put it back (worker/tasks.py).
 """
 
 from __future__ import annotations
@@ -20,52 +21,71 @@ import json
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 from kombu.transport.redis import Mutex, MutexHeld
 
-from .protocol import LEASE_S, TASK_NAME, lease_key, store_progress
+from .protocol import LEASE_S, TASK_NAME, lease_key, store_progress, waiting_copy_key
+from .queues import mark_waiting
 
 log = logging.getLogger(__name__)
-SWEEP_S = 5.0  # with LEASE_S, a dead worker's job is back in its queue 15 to 20 s after the worker died
+SWEEP_S = 5.0  # with LEASE_S, a dead worker's job is back in its queue 10 to 20 s after the worker died
 
 
 def requeue_orphans(app: Any, now: float | None = None) -> list[str]:
     """Put back in their queues the jobs whose messages are unacked and whose leases lapsed; their ids."""
     now = time.time() if now is None else now
     requeued = []
+    backend = app.backend.client
     with app.connection_for_write() as connection, connection.default_channel.conn_or_acquire() as client:
-        qos = connection.default_channel.qos
+        channel = connection.default_channel
         try:
-            with Mutex(client, qos.unacked_mutex_key, qos.unacked_mutex_expire):
-                for tag, raw in client.hgetall(qos.unacked_key).items():
-                    delivered = client.zscore(qos.unacked_index_key, tag)
-                    job_id = inpaint_job_id(json.loads(raw)[0])
-                    if job_id is None or delivered is None or now - delivered < LEASE_S:
-                        continue  # not a job, or just delivered: its worker takes the lease at once
-                    if app.backend.client.exists(lease_key(job_id)):
-                        continue  # running, or a copy waiting for the worker that runs it
-                    qos.restore_by_tag(tag, client)
-                    requeued.append(job_id)
+            with Mutex(client, channel.qos.unacked_mutex_key, channel.qos.unacked_mutex_expire):
+                # delivered over a lease ago: a fresh delivery's worker takes the lease at once
+                for tag in client.zrangebyscore(channel.qos.unacked_index_key, "-inf", now - LEASE_S):
+                    raw = client.hget(channel.qos.unacked_key, tag)
+                    job_id = inpaint_job_id(json.loads(raw)[0]) if raw else None
+                    if job_id is None or backend.exists(lease_key(job_id), waiting_copy_key(job_id)):
+                        continue  # not a job, running, or a copy waiting for the worker that runs it
+                    store_progress(app.backend, job_id, {"stage": "requeued"})  # before another worker starts it
+                    if restore_with_new_tag(channel, client, tag):
+                        requeued.append(job_id)
+                        mark_waiting(backend, *queue_and_priority(json.loads(raw)[0]), job_id, front=True)
         except MutexHeld:  # another worker (or kombu's own restore) is sweeping now
             return []
     for job_id in requeued:
         log.warning("job %s: its worker died (no lease for %d s): put back at the front of its queue", job_id,
                     LEASE_S)
-        store_progress(app.backend, job_id, {"stage": "requeued"})
     return requeued
 
 
-def give_back(app: Any, delivery_tag: str | None) -> bool:
-    """Put a message this worker holds back at the front of its queue (a worker that lost its job's lease gives
-    the job up): what the sweep would do, at once. False when it is no longer unacked (the sweep put it back)."""
-    if delivery_tag is None:
-        return False
-    with app.connection_for_write() as connection, connection.default_channel.conn_or_acquire() as client:
-        qos = connection.default_channel.qos
-        held = client.hexists(qos.unacked_key, delivery_tag)
-        qos.restore_by_tag(delivery_tag, client)  # one watched transaction: never twice
-    return bool(held)
+def restore_with_new_tag(channel: Any, client: Any, tag: str) -> bool:
+    """kombu's `restore_by_tag` (one watched transaction: never twice), but the message goes back under a new
+    delivery tag: the dead (or frozen) worker's tag then names nothing, so its late ack cannot remove the next
+    holder's record of the job (kombu keeps a message's tag across restores)."""
+    restored = []
+
+    def transaction(pipe: Any) -> None:
+        raw = pipe.hget(channel.qos.unacked_key, tag)
+        pipe.multi()
+        channel.qos._remove_from_indices(tag, pipe)
+        restored.clear()
+        if raw:
+            payload, exchange, routing_key = json.loads(raw)
+            payload["properties"]["delivery_tag"] = uuid.uuid4().hex
+            channel._do_restore_message(payload, exchange, routing_key, pipe)
+            restored.append(tag)
+
+    client.transaction(transaction, channel.qos.unacked_key)
+    return bool(restored)
+
+
+def queue_and_priority(payload: dict) -> tuple[str, int]:
+    properties = payload.get("properties") or {}
+    priority = properties.get("priority")
+    return ((properties.get("delivery_info") or {}).get("routing_key") or "celery",
+            priority if isinstance(priority, int) and not isinstance(priority, bool) else 0)
 
 
 def inpaint_job_id(payload: dict) -> str | None:
@@ -74,9 +94,9 @@ def inpaint_job_id(payload: dict) -> str | None:
     if headers.get("task") == TASK_NAME:
         return headers.get("id")
     if headers.get("task") is None:  # protocol 1: the task's name and id are in the (JSON, base64) body
+        encoding = (payload.get("properties") or {}).get("body_encoding")
         try:
-            body = json.loads(base64.b64decode(payload["body"]) if payload.get("body_encoding") == "base64"
-                              else payload["body"])
+            body = json.loads(base64.b64decode(payload["body"]) if encoding == "base64" else payload["body"])
         except (KeyError, TypeError, ValueError):
             return None
         if isinstance(body, dict) and body.get("task") == TASK_NAME:

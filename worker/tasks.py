@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from celery.signals import task_postrun, task_received, worker_init
 from celery.worker.request import Request
 
@@ -20,10 +20,19 @@ from .errors import Cancelled, InvalidRequest, JobError, JobFailed
 from .lease import JobLease, copy_received
 from .model import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
-from .protocol import LEASE_S, SUBMITTED_AT, TASK_NAME, TERMINAL, cancel_key, kwargs_summary, store_progress
-from .queues import record_finished
+from .protocol import (
+    LEASE_S,
+    SUBMITTED_AT,
+    TASK_NAME,
+    TERMINAL,
+    cancel_key,
+    kwargs_summary,
+    store_progress,
+    waiting_copy_key,
+)
+from .queues import mark_taken, record_finished
 from .redaction import redacted, redacted_text
-from .requeue import Sweeper, give_back
+from .requeue import Sweeper
 from .schema import Progress, parse_request
 from .settings import get_settings
 from .storage import S3Sink, StorageFetcher, s3_client
@@ -170,6 +179,8 @@ def take_the_job(task: Any) -> None:
     stored outcome stands, and nothing is run or counted.
     """
     job_id, hostname = task.request.id, task.request.hostname
+    mark_taken(task.app.backend.client, (task.request.delivery_info or {}).get("routing_key") or get_settings().queue,
+               job_id)  # no longer waiting in its queue
     lease = JobLease(task.app.backend.client, job_id, hostname)
     give_up = time.monotonic() + get_settings().visibility_timeout_s  # as Redis itself would redeliver it
     waited = False
@@ -182,8 +193,12 @@ def take_the_job(task: Any) -> None:
             waited = True
         if time.monotonic() > give_up:
             log.error("job has been running elsewhere for longer than INPAINT_VISIBILITY_TIMEOUT_S: running it here")
+            lease.take_over()
             break
+        task.app.backend.client.set(waiting_copy_key(job_id), hostname, px=LEASE_S * 1000)  # not a dead one's job
         time.sleep(1.0)
+    if waited:
+        task.app.backend.client.delete(waiting_copy_key(job_id))
     _leases[job_id] = lease
     state = task.AsyncResult(job_id).state  # read once held: a holder stores its outcome before it lets go
     if state in TERMINAL:
@@ -211,7 +226,7 @@ def run_counted(task: Any, request: dict) -> dict:
     except JobFailed as failed:
         metrics.job_ended(failed.code, time.time() - started)
         raise
-    except Ignore:  # it gave way to another worker (worker/requeue.py): not this worker's outcome
+    except (Ignore, Reject):  # it gave way to another worker (worker/requeue.py): not this worker's outcome
         raise
     except Exception:
         metrics.job_ended("internal", time.time() - started)
@@ -240,7 +255,13 @@ def queue_paced(task: Any) -> None:
 
 def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> dict:
     settings, redis, lease = get_settings(), app.backend.client, _leases.get(job_id)
-    taken = lease.taken if lease is not None else lambda: False
+    lost: list[bool] = []  # read once it is: a later read could fail (Redis away) and say otherwise
+
+    def taken() -> bool:
+        if not lost and lease is not None and lease.taken():
+            lost.append(True)
+        return bool(lost)
+
     try:
         if redis.exists(cancel_key(job_id)):
             raise Cancelled("cancelled before it started")
@@ -264,25 +285,21 @@ def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> 
             reporter.close()
     except JobError as error:
         if taken():
-            raise give_way(task) from None
+            raise give_way() from None
         log.warning("job failed: %s", error)
         raise JobFailed.from_error(error) from None
     if taken():  # it ran on while frozen: the job's outcome is the run that holds the lease
-        raise give_way(task)
+        raise give_way()
     return result.model_dump(mode="json")
 
 
-def give_way(task: Any) -> Ignore:
-    """This worker lost the job's lease (frozen, or cut off from Redis, for LEASE_S): the job goes back to its
-    queue, if the sweep has not put it back already, and this run ends without an outcome."""
-    try:
-        back = give_back(task.app, (task.request.delivery_info or {}).get("delivery_tag"))
-    except Exception as error:  # the sweep puts it back: its lease is gone
-        log.warning("could not put the job back in its queue: %s", error)
-        back = False
-    log.error("this worker lost the job's lease (frozen, or cut off from Redis, for %d s); the job %s; this run "
-              "ends without an outcome", LEASE_S, "goes back to its queue" if back else "was put back and runs on")
-    return Ignore()
+def give_way() -> Reject:
+    """This worker lost the job's lease (frozen, or cut off from Redis, for LEASE_S): this run ends without an
+    outcome, and its message is rejected back to the queue. If the sweep put the job back already (under a new
+    delivery tag, worker/requeue.py), the reject names nothing and another worker's run stands."""
+    log.error("this worker lost the job's lease (frozen, or cut off from Redis, for %d s): this run ends without "
+              "an outcome; the job goes back to its queue, or was put back and runs elsewhere", LEASE_S)
+    return Reject("lost the job's lease", requeue=True)
 
 
 def queue_wait(request: Any) -> dict[str, float]:
