@@ -179,8 +179,7 @@ def take_the_job(task: Any) -> None:
     stored outcome stands, and nothing is run or counted.
     """
     job_id, hostname = task.request.id, task.request.hostname
-    mark_taken(task.app.backend.client, (task.request.delivery_info or {}).get("routing_key") or get_settings().queue,
-               job_id)  # no longer waiting in its queue
+    mark_taken(task.app.backend.client, job_queue(task), job_id)  # no longer waiting in its queue
     lease = JobLease(task.app.backend.client, job_id, hostname)
     give_up = time.monotonic() + get_settings().visibility_timeout_s  # as Redis itself would redeliver it
     waited = False
@@ -244,11 +243,15 @@ def consumed_queues() -> list[str]:
     return list(app.amqp.queues.consume_from or {}) or [get_settings().queue]
 
 
+def job_queue(task: Any) -> str:
+    """The queue the running job's message came from."""
+    return (task.request.delivery_info or {}).get("routing_key") or get_settings().queue
+
+
 def queue_paced(task: Any) -> None:
     """Record that a job of its queue ended: a waiting job's estimated start reads the queue's pace from these."""
-    queue = (task.request.delivery_info or {}).get("routing_key") or get_settings().queue
     try:
-        record_finished(task.app.backend.client, queue, task.request.id)
+        record_finished(task.app.backend.client, job_queue(task), task.request.id)
     except Exception as error:  # an estimate is not worth failing a job over
         log.warning("could not record the queue's pace: %s", error)
 
