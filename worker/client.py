@@ -45,7 +45,7 @@ from .protocol import (
     kwargs_summary,
     submitted_key,
 )
-from .queues import QUEUE_PATTERN, broker_redis, mark_waiting, place
+from .queues import QUEUE_PATTERN, broker_redis, mark_taken, mark_waiting, place
 from .redaction import redacted_reference
 from .schema import JOB_ID_PATTERN, InpaintRequest, InpaintResult, Progress, QueuePlace, parse_request
 from .settings import Settings
@@ -197,6 +197,10 @@ class InpaintClient:
     def _send(self, job_id: str, payload: dict, queue: str, priority: int) -> None:
         """Publish the job: once more after a dropped connection (a Redis restart leaves pooled ones dead), never
         after a timeout, which keeps a submit within one socket timeout and may come after Redis took the job."""
+        try:  # before the send: a worker can take the job (and leave the index) before the send returns
+            mark_waiting(self.redis, queue, priority, job_id)  # its place in the queue is read from this index
+        except Exception as error:
+            log.warning("job %s: its place in the queue will not be known: %s", job_id, error)
         for attempt in range(SEND_TRIES):
             try:
                 with self._reaching(self._broker_url):
@@ -211,24 +215,24 @@ class InpaintClient:
                 if attempt + 1 < SEND_TRIES and not late:
                     time.sleep(0.2 * (attempt + 1))
                     continue
-                self._unclaim(job_id)
+                self._unclaim(job_id, queue)
                 if late:
                     raise RedisUnavailable(error.url, f"{error.reason}; if Redis took the job before it timed out, the "
                                            "job runs: submitting it again with the same job_id runs it once") from error
                 raise
             except Exception:
-                self._unclaim(job_id)
+                self._unclaim(job_id, queue)
                 raise
         try:
             self.redis.set(submitted_key(job_id), f"sent:{queue}", ex=self.result_expires_s)  # where it waits
-            mark_waiting(self.redis, queue, priority, job_id)  # its place is read from this index
         except Exception as error:  # the job is queued; only a retry after claim_hold_s could send it twice
             log.warning("job %s is queued but its claim could not be confirmed: %s", job_id, error)
 
-    def _unclaim(self, job_id: str) -> None:
+    def _unclaim(self, job_id: str, queue: str) -> None:
         """Not sent (or not known to be): let a retry with this id through at once."""
         try:
             self.redis.delete(submitted_key(job_id))
+            mark_taken(self.redis, queue, job_id)
         except Exception:  # Redis is away for this too: the claim lapses after claim_hold_s
             pass
 
