@@ -182,3 +182,38 @@ def test_an_idle_worker_takes_new_work_after_redis_restarts_twice_in_a_row(fault
     assert status.state == "SUCCESS", status.error
     assert runs(run_log, job_id) == (1, 1) and outputs(stack, job_id) == ["0.png", "result.json"]
     print(f"\nRedis restarted twice while the worker was idle: a job submitted after ran, SUCCESS {took_s:.1f} s later")
+
+
+def test_a_job_taken_while_the_result_backend_is_away_waits_for_it_and_runs_once(faults, run_log, tmp_path):
+    """Redis away at the moment a worker takes a job (a Sentinel failover, a restart): the job is not failed for it.
+    The result backend is a Redis of its own here, stopped before the job is sent (through the broker, which stays)."""
+    from celery import Celery
+
+    from worker.app import make_app
+    from worker.client import InpaintClient
+    from worker.protocol import TASK_NAME
+    from worker.stack import RedisServer
+
+    stack, client, env = faults
+    backend = RedisServer(tmp_path / "backend").start()
+    settings = stack.settings(result_backend=backend.url)
+    worker = stack.start_worker(f"backend-away@{HOST}", **env, INPAINT_RESULT_BACKEND=backend.url)
+    try:
+        worker.wait_ready(client.app)
+        backend.stop()
+        sender = Celery(broker=settings.broker_url)  # no result backend: a plain send_task, as from any language
+        job_id = sender.send_task(TASK_NAME, kwargs={"request": slow_job(stack, steps=2, step_s=0)},
+                                  queue=settings.queue).id
+        deadline = time.monotonic() + 30
+        while f"inpaint[{job_id}] received" not in worker.log_path.read_text():
+            assert time.monotonic() < deadline, "the worker did not receive the job"
+            time.sleep(0.1)
+        time.sleep(1.0)  # it tries to take the job, and finds the backend away
+        backend.start()  # the same port
+        status = InpaintClient(make_app(settings, client=True), settings.result_expires_s).wait(job_id, timeout=60)
+    finally:
+        worker.stop()
+        backend.stop()
+    assert status.state == "SUCCESS", status.error
+    assert runs(run_log, job_id) == (1, 1) and outputs(stack, job_id) == ["0.png", "result.json"]
+    assert "Redis could not be reached while taking the job (ConnectionError" in worker.log_path.read_text()

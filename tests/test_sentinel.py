@@ -241,8 +241,8 @@ def test_a_master_lost_with_50_jobs_queued_and_running_fails_over_and_loses_none
         stack.stop()
         group.stop()
     logs = "".join(worker.log_path.read_text() for worker in workers)
-    assert {job_id: status.state for job_id, status in statuses.items() if status.state != "SUCCESS"} == {}, \
-        logs[-4000:]
+    failed = {job_id: (status.state, status.error) for job_id, status in statuses.items() if status.state != "SUCCESS"}
+    assert failed == {}, "\n".join(line for line in logs.splitlines() if any(job_id in line for job_id in failed))
     for job_id in job_ids + after:
         assert stored[job_id] == ["0.png", "result.json"], job_id  # one result set each
         assert runs(run_log, job_id)[1] == 1, (job_id, runs(run_log, job_id))  # finished once

@@ -32,7 +32,7 @@ from celery import Celery
 from pydantic import BaseModel
 
 from .app import make_app
-from .errors import InvalidRequest
+from .errors import InvalidRequest, causes, connection_error
 from .protocol import (
     CLAIM_HOLD_S,
     CLAIM_SCRIPT,
@@ -338,30 +338,11 @@ class InpaintClient:
             raise RedisUnavailable(shown, reason.strip()) from error
 
 
-def connection_error(error: BaseException) -> BaseException | None:
-    """The connection error behind `error` (itself, or what it was raised from), or None."""
-    import kombu.exceptions
-    import redis.exceptions
-
-    kinds = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
-             ConnectionError)
-    return next((cause for cause in causes(error) if isinstance(cause, kinds)), None)
-
-
 def timed_out(error: BaseException) -> bool:
     """Whether a connection error was a timeout: Redis may have done what it was asked, its reply lost."""
     import redis.exceptions
 
     return any(isinstance(cause, TimeoutError | redis.exceptions.TimeoutError) for cause in causes(error))
-
-
-def causes(error: BaseException | None) -> Iterator[BaseException]:
-    """`error` and what it was raised from, five deep (Celery's "Retry limit exceeded" is a RuntimeError from one)."""
-    for _ in range(5):
-        if error is None:
-            return
-        yield error
-        error = error.__cause__
 
 
 def _password(url: str) -> str | None:

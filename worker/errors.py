@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .redaction import SECRET_KEY, redacted, redacted_text
@@ -143,3 +143,22 @@ def shown_input(value: Any) -> str:
     if isinstance(value, int) and abs(value) >= 10**80:
         return f"an integer of about {round(abs(value).bit_length() * math.log10(2))} digits"
     return f"{value!r:.80}"
+
+
+def connection_error(error: BaseException) -> BaseException | None:
+    """The connection error behind `error` (itself, or what it was raised from), or None."""
+    import kombu.exceptions
+    import redis.exceptions
+
+    kinds = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
+             ConnectionError)
+    return next((cause for cause in causes(error) if isinstance(cause, kinds)), None)
+
+
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and what it was raised from, five deep (Celery's "Retry limit exceeded" is a RuntimeError from one)."""
+    for _ in range(5):
+        if error is None:
+            return
+        yield error
+        error = error.__cause__

@@ -16,7 +16,7 @@ from celery.worker.request import Request
 
 from . import job, logs, metrics
 from .app import app
-from .errors import Cancelled, InvalidRequest, JobError, JobFailed
+from .errors import Cancelled, InvalidRequest, JobError, JobFailed, connection_error
 from .lease import JobLease, copy_received
 from .model import LoadedModel, load_model, wants_warm_up, warm_up
 from .plugins import Plugins
@@ -140,7 +140,7 @@ def inpaint(self: Any, *args: Any, request: Any = None, **kwargs: Any) -> dict:
     try:
         if args or kwargs or request is None:
             raise JobFailed.from_error(misaddressed(args, kwargs))
-        take_the_job(self)
+        take_when_redis_answers(self)
         result = run_counted(self, request)
         _outcome_lines[self.request.id] = result_line(result)
         return result
@@ -171,6 +171,32 @@ def misaddressed(args: tuple, kwargs: dict) -> InvalidRequest:
                           f"send_task('{TASK_NAME}', kwargs={{'request': {{...}}}}); got {got}")
 
 
+REDIS_AWAY_S = 60  # how long a job being taken waits for Redis (a Sentinel failover: its down-after, then a vote)
+
+
+def take_when_redis_answers(task: Any) -> None:
+    """`take_the_job`, tried again while Redis cannot be reached (a failover, a restart): a job is not failed for
+    it. After REDIS_AWAY_S its message goes back to its queue, or, when the broker is away too, the sweep puts it
+    back once Redis is there again (worker/requeue.py)."""
+    wait, give_up = 0.5, time.monotonic() + REDIS_AWAY_S
+    while True:
+        try:
+            return take_the_job(task)
+        except Exception as error:
+            cause = connection_error(error)
+            if cause is None:
+                raise
+            release_the_job(task.request.id)  # a lease taken before Redis went away
+            reason = redacted_text(f"{type(cause).__name__}: {cause}")
+            if time.monotonic() + wait > give_up:
+                log.error("Redis could not be reached while taking the job for %d s (%s): it goes back to its "
+                          "queue", REDIS_AWAY_S, reason)
+                raise Reject("Redis away while taking the job", requeue=True) from None
+            log.warning("Redis could not be reached while taking the job (%s): trying again in %.1f s", reason, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)
+
+
 def take_the_job(task: Any) -> None:
     """Hold the job's lease, waiting while another worker runs the job, then mark it STARTED.
 
@@ -196,9 +222,9 @@ def take_the_job(task: Any) -> None:
             break
         task.app.backend.client.set(waiting_copy_key(job_id), hostname, px=LEASE_S * 1000)  # not a dead one's job
         time.sleep(1.0)
+    _leases[job_id] = lease  # held now: released after the outcome is stored, or if Redis goes away before
     if waited:
         task.app.backend.client.delete(waiting_copy_key(job_id))
-    _leases[job_id] = lease
     state = task.AsyncResult(job_id).state  # read once held: a holder stores its outcome before it lets go
     if state in TERMINAL:
         release_the_job(job_id)
@@ -266,7 +292,7 @@ def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> 
         return bool(lost)
 
     try:
-        if redis.exists(cancel_key(job_id)):
+        if cancel_requested(redis, job_id):  # Redis away for a moment: it is asked again at every step
             raise Cancelled("cancelled before it started")
         parsed = parse_request(request)
         if parsed.job_id is not None and parsed.job_id != job_id:
