@@ -1,13 +1,14 @@
 """`https://` inputs against a loopback TLS server: what a user sees when the URL, the server or the download fails.
 
 The server's certificate is made per session and trusted through `SSL_CERT_FILE`, the way an operator trusts a
-private CA; `refuse_internal_address` is switched off because the only server a test can reach is on loopback.
+private CA; `refuse_internal` is switched off because the only server a test can reach is on loopback.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 import ssl
 import threading
 import time
@@ -24,6 +25,7 @@ from worker.storage import StorageFetcher
 SECRETS = ("SIGNATURE123", "TOKEN456")
 QUERY = "?X-Amz-Signature=SIGNATURE123&token=TOKEN456"
 IMAGE = bytes(range(256)) * 40  # 10 KiB: any bytes do, the fetcher does not decode them
+REBINDING_HOST = "images.example.test"  # on the test certificate; resolved only by the test's resolver
 
 Behaviour = Callable[[BaseHTTPRequestHandler], None]
 
@@ -41,8 +43,8 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName(REBINDING_HOST)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     folder = tmp_path_factory.mktemp("tls")
@@ -89,7 +91,7 @@ class Server:
 @pytest.fixture
 def server(certificate, monkeypatch) -> Iterator[Server]:
     monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
-    monkeypatch.setattr(https_fetch, "refuse_internal_address", lambda host, field: None)  # loopback only in tests
+    monkeypatch.setattr(https_fetch, "refuse_internal", lambda host, address, field: None)  # loopback only in tests
     running = Server(certificate)
     yield running
     running.httpd.shutdown()
@@ -122,6 +124,32 @@ def assert_shown_safely(error: JobError, field: str = "image") -> None:
 def test_an_https_input_is_fetched(server):
     server.routes["/photo.png"] = reply(200, IMAGE)
     assert fetcher().fetch(server.url("/photo.png"), "image") == IMAGE
+
+
+def test_the_fetch_connects_to_the_address_that_was_checked_and_never_resolves_the_name_again(server, monkeypatch):
+    """DNS rebinding: a name that resolves to an allowed address when checked and to another a moment later (here
+    127.0.0.2, where nothing listens). The fetch goes to the address checked; TLS and the Host header name the host.
+    The one stand-in is the resolver (no DNS server can be run here)."""
+    real_getaddrinfo, asked = socket.getaddrinfo, []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != REBINDING_HOST:
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        asked.append(host)
+        address = "127.0.0.1" if len(asked) == 1 else "127.0.0.2"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    hosts = []
+
+    def photo(handler: BaseHTTPRequestHandler) -> None:
+        hosts.append(handler.headers["Host"])
+        reply(200, IMAGE)(handler)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    server.routes["/photo.png"] = photo
+    url = server.url("/photo.png").replace("127.0.0.1", REBINDING_HOST)
+    assert fetcher(http_allow=[REBINDING_HOST]).fetch(url, "image") == IMAGE
+    assert asked == [REBINDING_HOST] and hosts == [f"{REBINDING_HOST}:{server.port}"]
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import box_mask, photo, upload
 from worker.errors import InputForbidden
-from worker.https_fetch import refuse_internal_address
+from worker.https_fetch import public_addresses
 from worker.settings import Settings
 from worker.storage import StorageFetcher
 
@@ -20,7 +20,7 @@ from worker.storage import StorageFetcher
                                   "172.16.5.4", "::1", "0.0.0.0"])
 def test_internal_addresses_are_refused_even_for_allowed_hosts(host):
     with pytest.raises(InputForbidden) as caught:
-        refuse_internal_address(host, "image")
+        public_addresses(host, "image")
     assert "internal address" in caught.value.message
 
 
@@ -33,13 +33,13 @@ def test_internal_addresses_are_refused_even_for_allowed_hosts(host):
 ])
 def test_an_ipv6_address_carrying_an_internal_ipv4_address_is_refused(host, carried):
     with pytest.raises(InputForbidden) as caught:
-        refuse_internal_address(host, "image")
+        public_addresses(host, "image")
     assert "internal address" in caught.value.message  # NAT64 and 6to4 addresses count as global themselves
     assert carried in caught.value.message or not ipaddress.ip_address(host).is_global
 
 
 def test_an_ipv6_address_carrying_a_public_ipv4_address_is_allowed():
-    refuse_internal_address("64:ff9b::808:808", "image")  # NAT64 to 8.8.8.8
+    assert public_addresses("64:ff9b::808:808", "image") == ["64:ff9b::808:808"]  # NAT64 to 8.8.8.8
 
 
 def test_an_allowed_name_that_resolves_inside_is_refused_before_any_request():
@@ -100,7 +100,7 @@ def test_a_failed_https_input_is_reported_without_its_signature(monkeypatch):
     listener.listen()
     port = listener.getsockname()[1]
     threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True).start()  # no TLS: the fetch fails
-    monkeypatch.setattr(https_fetch, "refuse_internal_address", lambda host, field: None)  # loopback only in tests
+    monkeypatch.setattr(https_fetch, "refuse_internal", lambda host, address, field: None)  # loopback only in tests
     fetcher = StorageFetcher(Settings(http_allow=["127.0.0.1"]), client=object())
     try:
         with pytest.raises(StorageError) as caught:
@@ -177,4 +177,4 @@ def test_an_allowed_ipv6_host_may_be_written_with_or_without_brackets():
 @pytest.mark.parametrize("host", ["::ffff:0:10.0.0.5", "fec0::1"])  # SIIT's form of a private address; site-local
 def test_other_ipv6_forms_of_internal_addresses_are_refused(host):
     with pytest.raises(InputForbidden):
-        refuse_internal_address(host, "image")
+        public_addresses(host, "image")

@@ -1,5 +1,6 @@
 """`https://` inputs from the hosts an operator allows: the allow-list, no internal address (IPv4 carried inside
-IPv6 included), one GET without redirects, bounded in time (a watchdog shuts the socket) and in size."""
+IPv6 included) and a connection to the very address checked (a name that resolves again to another, DNS rebinding,
+is never asked twice), one GET without redirects, bounded in time (a watchdog shuts the socket) and in size."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def fetch_https(settings: Settings, ref: str, field: str) -> bytes:
     host = parts.hostname or ""
     if host not in settings.http_allow:
         raise InputForbidden(f"{field}: host {host!r} is not on the allow-list (INPAINT_HTTP_ALLOW)", field=field)
-    refuse_internal_address(host, field)
+    address = public_addresses(host, field)[0]  # connected to as checked: the name is not resolved again
     deadline = time.monotonic() + HTTPS_FETCH_TIMEOUT_S
 
     def get() -> bytes:
-        status, data = https_get(parts, field, shown, deadline, settings.input_max_bytes)
+        status, data = https_get(parts, address, field, shown, deadline, settings.input_max_bytes)
         if 200 <= status < 300:
             return data
         if status == 404:
@@ -81,12 +82,15 @@ def parse_https(ref: str, field: str, shown: str) -> SplitResult:
     return parts
 
 
-def https_get(parts: SplitResult, field: str, shown: str, deadline: float, max_bytes: int) -> tuple[int, bytes]:
-    """One GET, no redirects followed: the status, and for a 2xx the whole body, checked against Content-Length."""
+def https_get(parts: SplitResult, address: str, field: str, shown: str, deadline: float,
+              max_bytes: int) -> tuple[int, bytes]:
+    """One GET to `address`, no redirects followed: the status, and for a 2xx the whole body, checked against
+    Content-Length. TLS (the certificate checked, SNI) and the Host header name the URL's host."""
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     connection = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
                                              timeout=time_left(deadline, field, shown),
                                              context=ssl.create_default_context())
+    connection._create_connection = lambda host_port, *args: socket.create_connection((address, host_port[1]), *args)
     chunks: list[bytes] = []
     held: list[socket.socket] = []  # getresponse() drops the socket from the connection when the server will close
     # at the deadline the socket is shut, whatever the fetch is waiting for: a per-read timeout alone lets a server
@@ -153,20 +157,28 @@ def too_slow(field: str, shown: str) -> StorageError:
     return StorageError(f"{field}: fetching {shown} took over {HTTPS_FETCH_TIMEOUT_S:g} s; gave up", field=field)
 
 
-def refuse_internal_address(host: str, field: str) -> None:
-    """An allowed name must still not lead inside: loopback, link-local (cloud metadata), private, reserved."""
-    import ipaddress
-
+def public_addresses(host: str, field: str) -> list[str]:
+    """The addresses `host` resolves to, in the resolver's order, when none leads inside: an allowed name must still
+    not lead to loopback, link-local (cloud metadata), private or reserved addresses."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)}
+        addresses = list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(host, 443,
+                                                                                 proto=socket.IPPROTO_TCP)))
     except OSError as error:
         raise InputNotFound(f"{field}: cannot resolve {host!r}: {error}", field=field) from None
     for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        for carried in (ip, *embedded_ipv4(ip)):
-            if not carried.is_global or getattr(carried, "is_site_local", False):  # fec0::/10: deprecated, not public
-                also = f" (it carries {carried})" if carried != ip else ""
-                raise InputForbidden(f"{field}: {host!r} resolves to {ip}{also}, an internal address", field=field)
+        refuse_internal(host, address, field)
+    return addresses
+
+
+def refuse_internal(host: str, address: str, field: str) -> None:
+    """`InputForbidden` when `address`, or an IPv4 address it carries, is not a public one."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    for carried in (ip, *embedded_ipv4(ip)):
+        if not carried.is_global or getattr(carried, "is_site_local", False):  # fec0::/10: deprecated, not public
+            also = f" (it carries {carried})" if carried != ip else ""
+            raise InputForbidden(f"{field}: {host!r} resolves to {ip}{also}, an internal address", field=field)
 
 
 # the last 32 bits are an IPv4 address: RFC 6052's well-known NAT64 prefix, RFC 8215's local-use one, SIIT's (RFC 6052)
