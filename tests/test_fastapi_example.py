@@ -222,14 +222,21 @@ def test_the_request_schema_carries_the_services_own_limits_and_defaults(page_ht
     assert schema["x-limits"]["upload_max_bytes"] == 100_000 and "image/jpeg" in schema["x-limits"]["upload_types"]
 
 
-def test_an_upload_goes_from_the_caller_straight_to_s3_with_a_presigned_post(page_http, stack, monkeypatch):
+@pytest.mark.parametrize("public", [False, True], ids=["workers-endpoint", "public-endpoint"])
+def test_an_upload_goes_from_the_caller_straight_to_s3_with_a_presigned_post(client, stack, monkeypatch, public):
+    """With INPAINT_S3_PUBLIC_ENDPOINT_URL (the name browsers use; here `localhost` for the S3 on 127.0.0.1) the
+    upload is signed for that name."""
     from worker.stack import TEST_CREDENTIALS
 
     for name, value in TEST_CREDENTIALS.items():  # the backend signs with its own S3 credentials
         monkeypatch.setenv(name, value)
-    response = page_http.post("/uploads", json={"content_type": "image/png", "size": 1000})
+    endpoint = f"http://localhost:{stack.s3.port}" if public else stack.s3.endpoint
+    settings = stack.settings(input_max_bytes=100_000, s3_public_endpoint_url=endpoint if public else None)
+    with TestClient(create_app(client, settings=settings)) as http:
+        response = http.post("/uploads", json={"content_type": "image/png", "size": 1000})
     assert response.status_code == 201, response.text
     grant = response.json()
+    assert grant["url"].startswith(endpoint + "/")
     assert grant["reference"].startswith("s3://inputs/uploads/page/") and grant["reference"].endswith(".png")
     body = b"\x89PNG" + bytes(996)
     sent = httpx.post(grant["url"], data=grant["fields"], files={"file": ("mask.png", body, "image/png")})

@@ -69,3 +69,24 @@ def test_a_missing_s3_input_is_named_without_its_query(stack):
     with pytest.raises(InputNotFound) as caught:
         fetcher.fetch("s3://inputs/no-such-photo.png?X-Amz-Signature=deadbeef", "image")
     assert caught.value.message == "image: no object at s3://inputs/no-such-photo.png?..."
+
+
+@pytest.mark.parametrize("public", [False, True], ids=["workers-endpoint", "public-endpoint"])
+def test_result_urls_are_signed_for_the_endpoint_browsers_reach(stack, public, monkeypatch):
+    """INPAINT_S3_PUBLIC_ENDPOINT_URL: the workers reach S3 by one name (http://minio:9000 in compose), browsers by
+    another; a signature covers the host, so the URL is signed for the public name. Here `localhost` reaches the same
+    S3 as the workers' 127.0.0.1, and the URL fetches the stored bytes."""
+    import urllib.request
+
+    from worker.stack import TEST_CREDENTIALS
+
+    for name, value in TEST_CREDENTIALS.items():  # the workers' credentials sign, whatever the name
+        monkeypatch.setenv(name, value)
+    endpoint = f"http://localhost:{stack.s3.port}" if public else stack.s3.endpoint
+    settings = stack.settings(s3_public_endpoint_url=endpoint if public else None)
+    sink = S3Sink(settings, f"signed-{public}", "outputs", "jobs", stack.s3.client())
+    location, url = sink.put("0.png", b"\x89PNG stored", "image/png")
+    assert location == f"s3://outputs/jobs/signed-{public}/0.png"
+    assert url.startswith(f"{endpoint}/outputs/jobs/signed-{public}/0.png?") and "Signature=" in url
+    assert urllib.request.urlopen(url, timeout=10).read() == b"\x89PNG stored"
+

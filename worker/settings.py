@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     unacked_restore_interval_s: float = Field(10.0, gt=0, description="How often a worker looks for lost jobs")
     unacked_restore_throttle: int = Field(10, ge=1, description="Look only every Nth time (1: every time)")
     s3_endpoint_url: str | None = Field(None, description="S3 API endpoint (MinIO, ...); unset: AWS")
+    s3_public_endpoint_url: str | None = Field(
+        None, description="S3 endpoint as browsers and web backends reach it, in presigned URLs (results; the example "
+        "backend's uploads), where the workers' name for S3 is another (http://minio:9000 in compose); unset: "
+        "INPAINT_S3_ENDPOINT_URL"
+    )
     output_bucket: str | None = Field(None, description="Bucket the worker writes results to")
     output_prefix: str = Field("jobs", description="Key prefix of results: {prefix}/{job_id}/{index}.{ext}")
     input_buckets: Annotated[list[str], NoDecode] = Field(
@@ -187,13 +192,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a log level: use {', '.join(LOG_LEVELS)} (in any case)")
         return level
 
-    @field_validator("result_backend", "s3_endpoint_url", "redis_master_name", "redis_sentinel_password",
-                     mode="before")
+    @field_validator("result_backend", "s3_endpoint_url", "s3_public_endpoint_url", "redis_master_name",
+                     "redis_sentinel_password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value  # INPAINT_RESULT_BACKEND= in a .env
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("s3_endpoint_url", "s3_public_endpoint_url")
     @classmethod
     def _endpoint_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"https?://[^/?#\s]+", value):

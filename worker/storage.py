@@ -39,6 +39,16 @@ def s3_client(settings: Settings) -> Any:
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
 
 
+def s3_presigner(settings: Settings, client: Any | None = None) -> Any:
+    """The client that signs URLs for the S3 endpoint browsers reach: `client` (the workers' own) unless
+    `INPAINT_S3_PUBLIC_ENDPOINT_URL` names another. A signature covers the host, so a URL cannot be signed for one
+    name and rewritten to another. Signing makes no request."""
+    if client is not None and not settings.s3_public_endpoint_url:
+        return client
+    return boto3.client("s3", endpoint_url=settings.s3_public_endpoint_url or settings.s3_endpoint_url,
+                        config=Config(signature_version="s3v4"))
+
+
 def parse_s3(ref: str, field: str) -> tuple[str, str]:
     """The bucket, and the key: everything after the bucket's slash, byte for byte (an S3 key may hold '#', '?',
     '%', spaces and '//'; URL parsing would cut or decode them and read another object)."""
@@ -107,13 +117,15 @@ class StorageFetcher:
 class S3Sink:
     """Writes `{prefix}/{job_id}/{name}`: a redelivered job overwrites its own objects, never adds new ones."""
 
-    def __init__(self, settings: Settings, job_id: str, bucket: str, prefix: str, client: Any | None = None):
+    def __init__(self, settings: Settings, job_id: str, bucket: str, prefix: str, client: Any | None = None,
+                 presigner: Any | None = None):
         if not re.fullmatch(JOB_ID_PATTERN, job_id):  # a plain send_task's id: no '/' or '..' into another's keys
             raise InvalidRequest("job_id", f"the task's id {job_id!r:.80} must match {JOB_ID_PATTERN} (it names the "
                                  "job's objects in S3)")
         self.settings, self.bucket = settings, bucket
         self.prefix = f"{prefix.strip('/')}/{job_id}" if prefix.strip("/") else job_id
         self.client = client or s3_client(settings)
+        self.presigner = presigner or s3_presigner(settings, self.client)
 
     def put(self, name: str, data: bytes, content_type: str) -> tuple[str, str | None]:
         key = f"{self.prefix}/{name}"
@@ -124,8 +136,8 @@ class S3Sink:
         except ClientError as error:
             raise StorageError(f"writing s3://{self.bucket}/{key} was refused: "
                                f"{error.response.get('Error', {}).get('Code')}") from None
-        url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
-                                                 ExpiresIn=self.settings.presign_expiry_s)
+        url = self.presigner.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                    ExpiresIn=self.settings.presign_expiry_s)
         return f"s3://{self.bucket}/{key}", url
 
     def delete(self, names: list[str]) -> None:

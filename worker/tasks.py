@@ -35,7 +35,7 @@ from .redaction import redacted, redacted_text
 from .requeue import Sweeper
 from .schema import Progress, parse_request
 from .settings import get_settings
-from .storage import S3Sink, StorageFetcher, s3_client
+from .storage import S3Sink, StorageFetcher, s3_client, s3_presigner
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -50,6 +50,7 @@ class Runtime:
     model: LoadedModel
     plugins: Plugins
     s3: Any  # one boto3 client for every job's inputs and outputs (thread-safe; making one takes ms)
+    presigner: Any  # signs the results' URLs for the endpoint browsers reach
     fetcher: StorageFetcher
 
 
@@ -68,7 +69,7 @@ def runtime() -> Runtime:
             log.info("worker ready: model %s on %s loaded in %.1f s; plugins %s", model.name, model.device,
                      model.load_s, plugins.names)
             s3 = s3_client(settings)
-            _runtime = Runtime(model, plugins, s3, StorageFetcher(settings, s3))
+            _runtime = Runtime(model, plugins, s3, s3_presigner(settings, s3), StorageFetcher(settings, s3))
             metrics.MODEL_LOAD_SECONDS.set(model.load_s)
         return _runtime
 
@@ -306,7 +307,7 @@ def run_job(task: Any, job_id: str, request: dict, waited: dict[str, float]) -> 
         try:
             result = job.run(parsed, model=rt.model, plugins=rt.plugins, fetcher=rt.fetcher,
                              sink=S3Sink(settings, job_id, bucket, parsed.output.prefix or settings.output_prefix,
-                                         rt.s3),
+                                         rt.s3, rt.presigner),
                              settings=settings, reporter=reporter,
                              cancel_requested=lambda: cancel_requested(redis, job_id) or taken(),
                              job_id=job_id, worker={"node": task.request.hostname, **waited})

@@ -4,9 +4,8 @@ out presigned uploads, and serve a page for people at `/` (static/: plain HTML a
     INPAINT_BROKER_URL=redis://localhost:6379/0 uvicorn examples.fastapi_backend.app:app
 
 It imports only the light client: no torch, no model, so it runs in any web container. The page's own settings:
-`CORS_ALLOW_ORIGINS` (comma-separated origins that may call this API from another site; none by default) and
-`UPLOAD_ENDPOINT_URL` (the S3 endpoint as browsers reach it, when it differs from `INPAINT_S3_ENDPOINT_URL`, as
-MinIO's in a compose network does).
+`CORS_ALLOW_ORIGINS` (comma-separated origins that may call this API from another site; none by default). Uploads are
+signed for `INPAINT_S3_PUBLIC_ENDPOINT_URL`, the S3 endpoint as browsers reach it, as the workers sign results.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from worker.client import InpaintClient, JobStatus, RedisUnavailable
 from worker.errors import JobError
 from worker.schema import JOB_ID_PATTERN, UPPER_BOUNDS, InpaintRequest
 from worker.settings import Settings
+from worker.storage import s3_presigner
 
 POLL_S = 0.25
 # proxies and load balancers drop connections that stay silent for a minute or so; a comment line keeps it open
@@ -146,20 +146,11 @@ def create_upload(body: UploadRequest, settings: ServiceSettings) -> Any:
     if not settings.input_buckets:
         return _error(503, "unavailable", None, "no input bucket to upload to: set INPAINT_INPUT_BUCKETS")
     bucket, key = settings.input_buckets[0], f"{UPLOAD_PREFIX}/{uuid.uuid4().hex}{UPLOAD_TYPES[body.content_type]}"
-    post = _upload_s3(settings).generate_presigned_post(
+    post = s3_presigner(settings).generate_presigned_post(  # for the endpoint the browser reaches
         bucket, key, Fields={"Content-Type": body.content_type}, ExpiresIn=UPLOAD_EXPIRES_S,
         Conditions=[{"Content-Type": body.content_type}, ["content-length-range", 1, settings.input_max_bytes]])
     return Upload(url=post["url"], fields=post["fields"], reference=f"s3://{bucket}/{key}",
                   max_bytes=settings.input_max_bytes, expires_s=UPLOAD_EXPIRES_S)
-
-
-def _upload_s3(settings: Settings) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    # the browser must reach the URL it is given: behind a proxy or in compose, S3 has another name for it
-    endpoint = os.environ.get("UPLOAD_ENDPOINT_URL") or settings.s3_endpoint_url
-    return boto3.client("s3", endpoint_url=endpoint, config=Config(signature_version="s3v4"))
 
 
 @router.post("/jobs", status_code=202)
