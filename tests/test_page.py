@@ -144,6 +144,7 @@ def test_paint_submit_watch_and_download_keeps_the_photo_outside_the_strokes(pag
     expect(page.locator("#job-state")).to_have_text("Done.")
     page.wait_for_function("() => document.getElementById('after').naturalWidth > 0")
     expect(page.locator("#parameters")).to_contain_text("12 run of 12")
+    expect(page.locator("#parameters")).to_contain_text("Modestandard")  # <dt>Mode</dt><dd>standard</dd>
     expect(page.locator("#history-list")).to_contain_text("a bowl of ripe oranges")
     shot(page, tmp_path, "result")
 
@@ -188,6 +189,27 @@ def test_an_invalid_value_is_explained_next_to_its_field(page, phone_photo, tmp_
     assert "err-strength" in page.locator("#f-strength").get_attribute("aria-describedby")
     expect(page.locator("#job")).to_be_hidden()
     shot(page, tmp_path, "invalid")
+
+
+def test_fast_mode_leaves_the_steps_to_the_service_and_a_worker_without_it_says_so(page, phone_photo, tmp_path):
+    """Fields the user did not touch are not sent, so the service's defaults apply and fast mode runs its own few
+    steps instead of the 50 the Steps field showed. This stack's worker has no fast mode: the failure is shown with
+    its code and next to the field."""
+    start_job(page, phone_photo)
+    page.locator("#advanced summary").click()
+    page.locator("[id='f-mode']").select_option("fast")
+    expect(page.locator("[id='f-num_inference_steps']")).to_have_value("")
+    expect(page.locator("[id='f-num_inference_steps']")).to_have_attribute("placeholder", "fast mode's own")
+    with page.expect_request(lambda request: request.url.endswith("/jobs") and request.method == "POST") as sent:
+        page.locator("#submit").click()
+    body = sent.value.post_data_json
+    assert body["mode"] == "fast" and body["prompt"] == "a bowl of ripe oranges" and body["seed"] == 7, body
+    assert "num_inference_steps" not in body and "strength" not in body and "true_cfg_scale" not in body, body
+    expect(page.locator("#job-state")).to_have_text("The job failed.")
+    expect(page.locator("#job-error")).to_contain_text("no fast mode")
+    expect(page.locator("#job-error")).to_contain_text("(invalid_request, field mode)")
+    expect(page.locator("[id='err-mode']")).to_contain_text("no fast mode")
+    shot(page, tmp_path, "no-fast-mode")
 
 
 def test_up_serves_the_page_and_prints_its_url(tmp_path):

@@ -56,10 +56,14 @@ def run_job(clock: Clock, reports: list[Progress], pixels: int = PIXELS, images:
     return tracker
 
 
-def test_the_first_job_counts_its_remaining_steps_only(clock):
+def test_the_first_job_counts_its_remaining_steps_only_then_says_it_does_not_know(clock):
     reports: list[Progress] = []
     run_job(clock, reports, until=(0, 2))
     assert reports[-1].eta_s == 2.0  # 2 steps of 1 s: nothing is known yet of decoding and uploading
+    reports.clear()
+    run_job(clock, reports)  # still the first to finish in this process: after its steps, no "0 s left"
+    last_step = next(report for report in reports if report.step == report.total_steps)
+    assert last_step.eta_s is None and all(report.eta_s is None for report in reports if report.stage != "denoising")
 
 
 def test_after_one_job_at_a_size_the_time_left_includes_decoding_and_uploading(clock):

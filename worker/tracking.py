@@ -3,7 +3,7 @@
 The time left is the whole job's: the steps still to run at this job's pace, then what a job at this size spends
 after its steps (each image's encoding and decoding, the job's postprocessing and upload), as the last job this
 process ran at the size spent it (at another size, scaled by the pixels). Before any job has run, it counts the
-steps only.
+steps only, and once they are done it is unknown (None), never "0 s left" while the decoding and upload run.
 """
 
 from __future__ import annotations
@@ -82,14 +82,15 @@ class Tracker:
 
     def time_left(self, now: float) -> float | None:
         """Seconds the job has left, by its pace so far and what a job at its size spent after its steps; None
-        before its first step (no pace yet)."""
+        before its first step (no pace yet), and after its last one when no job has shown what comes after."""
         progress = self.progress
-        if not progress.step:
+        spent = self._spent_after_steps()
+        if not progress.step or (not spent and progress.step >= progress.total_steps):
             return None
         in_stage = now - self._stage_started
         denoised = self.timings.get("denoising", 0.0) + (in_stage if self.current == "denoising" else 0.0)
         left = denoised / progress.step * (progress.total_steps - progress.step)
-        for stage, each in self._spent_after_steps().items():
+        for stage, each in spent.items():
             times = progress.images if stage in ("encoding", "decoding") else 1
             left += each * max(times - self._entered[stage], 0)
             if stage == self.current:

@@ -170,6 +170,8 @@ function buildField(name, property, container, label) {
     if (info.kind === "bool") input.checked = initial;
     else input.value = String(initial);
   }
+  // a default the user did not touch is left to the service: a mode that brings its own (fast mode's steps) wins
+  for (const event of ["input", "change"]) input.addEventListener(event, () => { input.dataset.edited = "yes"; });
   const help = document.createElement("p");
   help.className = "help";
   help.id = `help-${name}`;
@@ -217,12 +219,26 @@ async function loadSchema() {
   }
   const steps = fields.get("num_inference_steps");
   const every = fields.get("preview_every");
+  const mode = fields.get("mode");
   // previews are what makes waiting bearable: about ten a job unless the user says otherwise
-  if (steps && every && !every.input.value) {
-    const suggest = () => { every.input.value = String(Math.max(1, Math.round(Number(steps.input.value || 1) / 10))); };
+  const suggest = () => {
+    if (steps && every && !every.input.dataset.edited) {
+      every.input.value = String(Math.max(1, Math.round(Number(steps.input.value || 1) / 10)));
+    }
+  };
+  if (every && !every.input.value) {
     suggest();
-    steps.input.addEventListener("input", () => { if (!every.input.dataset.edited) suggest(); });
-    every.input.addEventListener("input", () => { every.input.dataset.edited = "yes"; });
+    steps?.input.addEventListener("input", suggest);
+  }
+  // fast mode runs its own few steps unless the user set a number: the field says so instead of showing 50
+  if (steps && mode) {
+    mode.input.addEventListener("change", () => {
+      if (steps.input.dataset.edited) return;
+      const fast = mode.input.value === "fast";
+      steps.input.value = fast ? "" : String(steps.property.default);
+      steps.input.placeholder = fast ? "fast mode's own" : "";
+      suggest();
+    });
   }
   const limits = schema["x-limits"] || {};
   if (limits.upload_max_bytes) {
@@ -234,7 +250,7 @@ async function loadSchema() {
 function readFields() {
   const request = {};
   let bad = false;
-  for (const [name, { input, kind, integer }] of fields) {
+  for (const [name, { input, kind, integer, property }] of fields) {
     let value;
     const raw = input.value.trim();
     if (kind === "bool") {
@@ -259,6 +275,7 @@ function readFields() {
     } else {
       value = raw;
     }
+    if (!input.dataset.edited && value === property.default) continue; // the service applies its own default
     const path = name.split(".");
     let target = request;
     for (const part of path.slice(0, -1)) target = target[part] ??= {};
@@ -619,6 +636,8 @@ function showResult(status) {
     ["Steps", `${parameters.steps_run} run of ${parameters.num_inference_steps}`],
     ["Size", `${parameters.width} × ${parameters.height}`],
     ["True CFG", parameters.true_cfg ? `on, scale ${parameters.true_cfg_scale}` : "off"],
+    ["Mode", parameters.mode],
+    ["Adapters", (parameters.adapters || []).map((adapter) => `${adapter.name} × ${adapter.scale}`).join(", ")],
     ["Padding mask crop", parameters.padding_mask_crop], ["Mask grid", parameters.mask_grid],
     ["Output", parameters.output_type], ["Plugins", parameters.plugins.join(", ")],
     ["Took", result.timings.total !== undefined ? `${result.timings.total.toFixed(1)} s` : undefined],
