@@ -201,7 +201,7 @@ def test_submit_refuses_a_local_file_that_does_not_exist_before_sending(stack, c
                "--prompt", "x", "--job-id", job_id, env=submit_env(stack))
     assert done.returncode == 2, done.stderr
     error = json.loads(done.stdout)["error"]
-    assert error["field"] == "image" and "no such file" in error["message"] and "phtoo.png" in error["message"]
+    assert error["field"] == "image" and "no file at" in error["message"] and "phtoo.png" in error["message"]
     assert not client.redis.exists(submitted_key(job_id))  # nothing was enqueued
     assert client.status(job_id).state == "PENDING"
 
@@ -218,8 +218,28 @@ def test_submit_refuses_a_local_tensor_file_that_does_not_exist_before_sending(s
                env=submit_env(stack))
     assert done.returncode == 2, done.stderr
     error = json.loads(done.stdout)["error"]
-    assert error["field"] == "latents" and "no such file" in error["message"]
+    assert error["field"] == "latents" and "no file at" in error["message"]
     assert not client.redis.exists(submitted_key(job_id))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "words"), [("device", "not a regular file"), ("fifo", "not a regular file"),
+                                             ("nul", "NUL character"), ("big", "over the 1000-byte cap")])
+def test_submit_reads_a_local_file_as_run_does_and_sends_nothing_it_refuses(tmp_path, kind, words):
+    """`submit` inlines local files with `run`'s checks: /dev/zero read until memory ran out, a FIFO blocked, a NUL
+    byte was a traceback. Each is refused before Redis is asked (it is not there: port 1)."""
+    box_mask().save(tmp_path / "mask.png")
+    photo().save(tmp_path / "photo.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    image = {"device": "/dev/zero", "fifo": str(tmp_path / "pipe.png"), "nul": "photo\0.png",
+             "big": str(tmp_path / "photo.png")}[kind]
+    (tmp_path / "job.json").write_text(json.dumps({"prompt": "x", "image": image,  # a NUL cannot be an argument
+                                                   "mask_image": str(tmp_path / "mask.png")}))
+    env = {**os.environ, "INPAINT_BROKER_URL": "redis://127.0.0.1:1/0", "INPAINT_DATA_URL_MAX_BYTES": "1000"}
+    done = cli("submit", "--request", str(tmp_path / "job.json"), env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["field"] == "image" and words in error["message"], error
 
 
 @pytest.mark.slow

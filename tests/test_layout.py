@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,31 @@ def test_no_import_circle_in_worker():
 def test_each_room_says_what_it_holds(path):
     docstring = ast.get_docstring(ast.parse(path.read_text()))
     assert docstring and len(docstring.splitlines()[0]) > 20, f"{path.name}: a first line that says what it holds"
+
+
+def test_the_readmes_layout_names_every_room():
+    """README.md's Layout table, the map a newcomer reads first, lists each module of worker/ (and builtin/)."""
+    readme = (WORKER.parent / "README.md").read_text()
+    table = readme[readme.index("## Layout"):].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(?:worker/)?([a-z_]+\.py|builtin/)`", table))
+    rooms = {path.name for path in WORKER.glob("*.py") if path.name != "__init__.py"} | {"builtin/"}
+    assert rooms - named == set(), "rooms missing from the README's Layout"
+    assert named - rooms == set(), "the README's Layout names rooms that are gone"
+
+
+@pytest.mark.parametrize(("old", "name", "new"), [
+    ("worker.schema", "redacted", "worker.redaction"), ("worker.schema", "Limits", "worker.limits"),
+    ("worker.pipeline", "load_model", "worker.model"), ("worker.pipeline", "LoadedModel", "worker.model"),
+    ("worker.inpaint_pipeline", "InpaintPipeline", "worker.pipeline"),
+    ("worker.inpaint_pipeline", "speed_up", "worker.speed"),
+])
+def test_a_name_that_moved_still_imports_from_its_old_room_with_a_deprecation_warning(old, name, new):
+    """Plugins and scripts written before the rooms were split keep working, and are told where the name lives."""
+    import importlib
+
+    with pytest.deprecated_call(match=f"{old}.{name} is deprecated: import it from {new}"):
+        found = getattr(importlib.import_module(old), name)
+    assert found is getattr(importlib.import_module(new), name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        importlib.import_module(old).nothing_here  # noqa: B018 (an unknown name is still an AttributeError)
+

@@ -290,12 +290,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from .client import InpaintClient, RedisUnavailable
     from .schema import REFERENCE_FIELDS
+    from .settings import get_settings
 
     try:
         request = build_request(args)
         for name in REFERENCE_FIELDS:  # local files travel inline; checked before anything is sent
             if name in request:
-                request[name] = inline_local_file(name, request[name])
+                request[name] = inline_local_file(name, request[name], get_settings().data_url_max_bytes)
         client = InpaintClient.from_env()
         job_id = client.submit(request, job_id=args.job_id, queue=args.queue)
     except JobError as error:
@@ -331,17 +332,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_INVALID if (status.error or {}).get("code") == "invalid_request" else EXIT_FAILED
 
 
-def inline_local_file(field: str, ref: Any) -> Any:
-    """A local path as a data: URL; URLs (data:, s3://, https://, ...) and non-strings are left to the request."""
+def inline_local_file(field: str, ref: Any, max_bytes: int) -> Any:
+    """A local path as a data: URL, read as `run` reads one (regular files only, at most `max_bytes`: what a worker
+    takes as a data: URL); URLs (data:, s3://, https://, ...) and non-strings are left to the request."""
     if not isinstance(ref, str) or URL.match(ref):
         return ref
-    try:
-        return file_data_url(Path(ref))
-    except (FileNotFoundError, NotADirectoryError):
-        raise InvalidRequest(field, f"no such file: {ref[:200]} (a local file, s3://, https:// or data: URL)") \
-            from None
-    except OSError as error:
-        raise InvalidRequest(field, f"cannot read {ref[:200]}: {error.strerror}") from None
+    import base64
+
+    from .client import content_type_of
+    from .inputs import LocalFetcher
+
+    data = LocalFetcher(max_bytes, max_bytes).fetch(ref, field)
+    return f"data:{content_type_of(data, Path(ref).name)};base64,{base64.b64encode(data).decode()}"
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -416,14 +418,6 @@ def demo(args: argparse.Namespace, stack: Any, client: Any) -> int:
         target.write_bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
         print(f"downloaded {image.location} to {target}", file=sys.stderr)
     return 0
-
-
-def file_data_url(path: Path) -> str:
-    import base64
-    import mimetypes
-
-    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
