@@ -90,13 +90,18 @@ def test_the_jobs_of_a_lost_host_run_on_another_host(recovery, worker_env, run_l
             killed_at = time.monotonic()
             for worker in host_a:  # the whole host at once, none restarted
                 worker.stop(signal.SIGKILL)
+            while not all(f"job {job_id}: its worker died" in logs(host_b) for job_id in jobs):
+                assert time.monotonic() - killed_at < 30, "host b did not take the jobs back within 30 s"
+                time.sleep(0.1)
+            put_back_s = time.monotonic() - killed_at
             statuses = [client.wait(job_id, timeout=30 + 2 * (steps * step_s + 10)) for job_id in jobs]
             recovered_s = time.monotonic() - killed_at
     assert [status.state for status in statuses] == ["SUCCESS", "SUCCESS"], [s.error for s in statuses]
     assert {status.result.worker["node"] for status in statuses} == {host_b.node}
     assert all(runs(run_log, job_id) == (2, 1) and outputs(stack, job_id) == ["0.png", "result.json"]
                for job_id in jobs)
-    print(f"\nhost lost: both jobs SUCCESS on the other host {recovered_s:.1f} s after the kill (one after the other)")
+    print(f"\nhost lost: both jobs back in the queue {put_back_s:.1f} s after the kill, SUCCESS on the other host "
+          f"{recovered_s:.1f} s after it (one after the other)")
 
 
 def test_a_frozen_worker_loses_its_job_and_writes_no_second_outcome_when_it_wakes(recovery, worker_env, run_log):
@@ -107,7 +112,9 @@ def test_a_frozen_worker_loses_its_job_and_writes_no_second_outcome_when_it_wake
         other = next(worker for worker in pair if worker is not frozen)
         wait_for_step(client, job_id, 3)
         frozen.process.send_signal(signal.SIGSTOP)  # alive, but not for longer than its lease
+        frozen_at = time.monotonic()
         status = client.wait(job_id, timeout=RECOVERED_WITHIN_S)
+        recovered_s = time.monotonic() - frozen_at
         assert status.state == "SUCCESS" and status.result.worker["node"] == other.node, status.error
         written = outputs(stack, job_id)
         frozen.process.send_signal(signal.SIGCONT)
@@ -118,6 +125,7 @@ def test_a_frozen_worker_loses_its_job_and_writes_no_second_outcome_when_it_wake
     assert client.status(job_id).state == "SUCCESS" and client.status(job_id).result.worker["node"] == other.node
     assert outputs(stack, job_id) == written == ["0.png", "result.json"]
     assert runs(run_log, job_id) == (2, 1)  # the frozen run never finished
+    print(f"\nSIGSTOP at step 3 of {STEPS}: SUCCESS on the other worker {recovered_s:.1f} s after")
 
 
 def test_a_worker_killed_while_uploading_has_its_job_run_again(recovery, worker_env, run_log):
@@ -129,11 +137,14 @@ def test_a_worker_killed_while_uploading_has_its_job_run_again(recovery, worker_
         while (progress := client.status(job_id).progress) is None or progress.stage != "uploading":
             assert time.monotonic() < deadline, "the job never reached its upload"
             time.sleep(0.05)
+        killed_at = time.monotonic()
         victim.stop(signal.SIGKILL)
         status = client.wait(job_id, timeout=RECOVERED_WITHIN_S + 6)
+        recovered_s = time.monotonic() - killed_at
     assert status.state == "SUCCESS", status.error
     assert runs(run_log, job_id) == (2, 1)
     assert outputs(stack, job_id) == ["0.png", "result.json"]
+    print(f"\nSIGKILL during the upload: SUCCESS on the other worker {recovered_s:.1f} s after")
 
 
 def test_a_frozen_worker_that_wakes_while_the_rerun_runs_leaves_the_job_recoverable(recovery, worker_env, run_log):
@@ -160,6 +171,65 @@ def test_a_frozen_worker_that_wakes_while_the_rerun_runs_leaves_the_job_recovera
         status = client.wait(job_id, timeout=RECOVERED_WITHIN_S + 40 * 0.3)
     assert status.state == "SUCCESS" and status.result.worker["node"] == frozen.node, status.error
     assert outputs(stack, job_id) == ["0.png", "result.json"]
+
+
+def test_a_dead_workers_job_says_it_was_requeued_and_where_it_waits_until_a_worker_takes_it(recovery, worker_env,
+                                                                                            run_log):
+    """Its state is `PROGRESS` at stage `requeued` with its place in the queue, not a frozen step. The sweep runs on
+    a worker of another queue (it takes none of this queue's jobs), so the job waits until a worker comes."""
+    stack, client = recovery
+    with workers(stack, client.app, {**worker_env, "INPAINT_QUEUE": "elsewhere"}, "sweeps-only"):
+        with workers(stack, client.app, worker_env, "dies") as (victim,):
+            job_id = client.submit(slow_job(stack))
+            wait_for_step(client, job_id, 3)
+            killed_at = time.monotonic()
+            victim.stop(signal.SIGKILL)
+            while (status := client.status(job_id)).progress is None or status.progress.stage != "requeued":
+                assert time.monotonic() - killed_at < 30, status
+                time.sleep(0.1)
+            requeued_s = time.monotonic() - killed_at
+        assert status.state == "PROGRESS" and status.queue is not None, status
+        assert (status.queue.queue, status.queue.position) == (stack.settings().queue, 1), status.queue
+        with workers(stack, client.app, worker_env, "comes-later") as (rescuer,):
+            final = client.wait(job_id, timeout=60)
+    assert final.state == "SUCCESS" and final.result.worker["node"] == rescuer.node, final.error
+    assert runs(run_log, job_id) == (2, 1) and outputs(stack, job_id) == ["0.png", "result.json"]
+    print(f"\nSIGKILL with no other worker of the queue: stage 'requeued', position 1, {requeued_s:.1f} s after")
+
+
+def test_a_job_cancelled_just_before_its_worker_died_is_not_run_again(recovery, worker_env, run_log):
+    """The cancel is asked for during a long step and the worker killed before it could see it: the sweep puts the
+    job back, and the worker that takes it ends it as `cancelled` without running it."""
+    stack, client = recovery
+    with workers(stack, client.app, worker_env, "cancel-a", "cancel-b") as pair:
+        job_id = client.submit(slow_job(stack, steps=6, step_s=3.0))
+        victim = running_on(client, job_id, pair)
+        wait_for_step(client, job_id, 1)
+        assert client.cancel(job_id) == "requested"
+        victim.stop(signal.SIGKILL)  # within the step: the cancel was not seen
+        status = client.wait(job_id, timeout=RECOVERED_WITHIN_S)
+        survivor = next(worker for worker in pair if worker is not victim)
+        assert "put back at the front of its queue" in logs(survivor)
+    assert status.state == "FAILURE" and status.error["code"] == "cancelled", status
+    assert runs(run_log, job_id) == (1, 0)  # started once, by the worker that died; not run again
+    assert outputs(stack, job_id) == []
+
+
+def test_a_live_worker_whose_step_outlasts_the_lease_keeps_its_job(recovery, worker_env, run_log):
+    """Alive but slow: one step of 20 s, longer than the 15 s lease. Its lease is renewed by a thread of its own,
+    so the sweeps on the other worker never take the job from it."""
+    from worker.protocol import LEASE_S
+
+    stack, client = recovery
+    step_s = LEASE_S + 5
+    with workers(stack, client.app, worker_env, "slow-a", "slow-b") as pair:
+        job_id = client.submit(slow_job(stack, steps=1, step_s=step_s))
+        runner = running_on(client, job_id, pair)
+        status = client.wait(job_id, timeout=step_s + 60)
+    assert status.state == "SUCCESS" and status.result.worker["node"] == runner.node, status.error
+    assert runs(run_log, job_id) == (1, 1)
+    assert "put back at the front of its queue" not in logs(*pair)
+    assert status.result.timings["denoising"] >= step_s
 
 
 def test_a_protocol_1_message_is_known_as_a_job_by_the_sweep(recovery):

@@ -75,8 +75,9 @@ class JobStatus(BaseModel):
     - `submitted`: False when no `InpaintClient.submit` of this id happened in the last
       `result_expires_s`, so a `PENDING` id is unknown (or was sent with plain `send_task` and waits in
       the queue); always True once the job has a state of its own.
-    - `queue` (`PENDING` only, while it waits): `QueuePlace`: `queue`, `position` (1: the next to start),
-      `waiting` (jobs queued in all), `starts_in_s` (at the queue's recent pace; None until known).
+    - `queue` (while it waits: `PENDING`, or `PROGRESS` at stage `requeued` after its worker died):
+      `QueuePlace`: `queue`, `position` (1: the next to start), `waiting` (jobs queued in all), `starts_in_s`
+      (at the queue's recent pace; None until known).
     - `progress` (`PROGRESS` only): `Progress`: `stage`, `step` of `total_steps` (the steps that really run),
       `image` of `images`, `percent`, `elapsed_s`, `eta_s`, and `preview` when previews are on.
     - `result` (`SUCCESS` only): `InpaintResult`: `images` (`ImageOutput`: `index`, `location` (s3://), a
@@ -250,6 +251,9 @@ class InpaintClient:
             status.queue = self._place(job_id, claim)
         elif state == "PROGRESS" and isinstance(info, dict):
             status.progress = Progress.model_validate(info)
+            if status.progress.stage == "requeued":  # its worker died: it waits in its queue again, at the front
+                with self._reaching(self._backend_url):
+                    status.queue = self._place(job_id, self.redis.get(submitted_key(job_id)))
         elif state == "SUCCESS":
             status.result = InpaintResult.model_validate(info)
         elif state == "FAILURE":

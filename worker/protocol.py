@@ -7,8 +7,10 @@ implements what this file says).
 - Task states: Celery's, with PROGRESS meta (worker.schema.Progress) while a job runs; SUCCESS, FAILURE and
   REVOKED end it.
 - Redis keys beside Celery's: `inpaint:cancel:<job id>` (a cancel asked), `inpaint:submitted:<job id>`
-  (`sending`, then `sent`: a job id is enqueued once), `inpaint:running:<job id>` (the lease of the worker
-  running it). The scripts below change them atomically.
+  (`sending`, then `sent:<queue>`: a job id is enqueued once), `inpaint:running:<job id>` (the lease of the worker
+  running it), `inpaint:waiting-copy:<job id>` (a copy waiting for that worker), and per queue
+  `inpaint:waiting:<queue>:<step>` (the jobs submit sent that no worker took yet) and `inpaint:finished:<queue>`
+  (when its last jobs ended). The scripts below change some of them atomically.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ def lease_key(job_id: str) -> str:
 def waiting_copy_key(job_id: str) -> str:
     """Held (renewed each second) by a copy that waits for the worker running its job: not a dead worker's job."""
     return f"inpaint:waiting-copy:{job_id}"
+
+
+def waiting_key(queue: str, step: int) -> str:
+    """The jobs `InpaintClient.submit` sent to a queue's list (priority step) that no worker has taken yet, by when
+    they were sent (a job put back after its worker died: first). Their places are read here, not by looking
+    through the list, whose messages can be megabytes each (worker/queues.py)."""
+    return f"inpaint:waiting:{queue}:{step}"
+
+
+def finished_key(queue: str) -> str:
+    """When the queue's last jobs ended: its pace, for a waiting job's estimated start (worker/queues.py)."""
+    return f"inpaint:finished:{queue}"
 
 
 def kwargs_summary(payload: dict) -> str:

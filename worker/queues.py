@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .protocol import SUBMITTED_AT, finished_key, waiting_key
 from .schema import QueuePlace
 
 PRIORITY_STEPS = (0, 3, 6, 9)
@@ -40,17 +41,6 @@ def list_name(queue: str, step: int) -> str:
 def queue_lists(queue: str) -> list[str]:
     """A queue's lists, most urgent first."""
     return [list_name(queue, step) for step in PRIORITY_STEPS]
-
-
-def finished_key(queue: str) -> str:
-    return f"inpaint:finished:{queue}"
-
-
-def waiting_key(queue: str, step: int) -> str:
-    """The jobs `InpaintClient.submit` sent to a queue's list that no worker has taken yet, by when they were sent
-    (a job put back after its worker died: first). Their places are read here, not by looking through the list,
-    whose messages can be megabytes each."""
-    return f"inpaint:waiting:{queue}:{step}"
 
 
 def step_of(priority: int) -> int:
@@ -121,7 +111,7 @@ def depth(client: Any, queue: str) -> dict[int, int]:
 
 def oldest_wait_s(client: Any, queue: str, now: float | None = None) -> float | None:
     """How long the longest-waiting job of the queue has waited (the next to go in each list is its oldest), by the
-    `inpaint_submitted_at` header InpaintClient.submit stamps; None when no waiting job carries one."""
+    `SUBMITTED_AT` header InpaintClient.submit stamps; None when no waiting job carries one."""
     now = time.time() if now is None else now
     with client.pipeline(transaction=False) as pipe:
         for name in queue_lists(queue):
@@ -130,7 +120,7 @@ def oldest_wait_s(client: Any, queue: str, now: float | None = None) -> float | 
     waited = []
     for head in heads:
         try:
-            submitted = json.loads(head)["headers"]["inpaint_submitted_at"]
+            submitted = json.loads(head)["headers"][SUBMITTED_AT]
         except (TypeError, ValueError, KeyError):
             continue
         if isinstance(submitted, int | float) and not isinstance(submitted, bool):
