@@ -244,17 +244,55 @@ def test_caps_on_size_and_the_memory_cache_least_recently_used_out(lora_settings
     def uses(source: str) -> float:
         return metrics.ADAPTER_USES.labels(source)._value.get()
 
-    before = {source: uses(source) for source in ("memory", "disk")}
+    before = {source: uses(source) for source in ("memory", "library")}
     first = run(adapters=[{"ref": "style-a"}])
     run(adapters=[{"ref": "style-a"}])
     run(adapters=[{"ref": "style-b"}])  # style-a out
     run(adapters=[{"ref": "style-a"}])
-    assert uses("disk") - before["disk"] == 3 and uses("memory") - before["memory"] == 1
+    assert uses("library") - before["library"] == 3 and uses("memory") - before["memory"] == 1
     assert len(loaded.adapters.loaded) == 1
     write_lora(library / "style-a.safetensors", lora_weights(model, 99), "kohya", alpha=8)  # a new version
     changed = run(adapters=[{"ref": "style-a"}])
     assert changed.parameters.adapters[0].sha256 != first.parameters.adapters[0].sha256
     write_lora(library / "style-a.safetensors", lora_weights(model, 1), "kohya", alpha=8)  # as the others expect
+
+
+@pytest.mark.slow
+def test_the_disk_cache_of_s3_adapters_keeps_the_most_recently_used_within_its_cap(stack, model, settings, plugins,
+                                                                                  tmp_path, monkeypatch):
+    """INPAINT_LORA_DISK_CACHE_BYTES: files downloaded from the library's bucket stay on disk (read from there, not
+    downloaded again) until the least recently used must make room. Room here for two of the three files."""
+    from worker import metrics
+    from worker.model import load_model
+    from worker.stack import TEST_CREDENTIALS
+
+    for name, value in TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    s3 = stack.s3.client()
+    s3.create_bucket(Bucket="cached-loras")
+    sizes = []
+    for index, name in enumerate(("one", "two", "three")):
+        path = write_lora(tmp_path / f"{name}.safetensors", lora_weights(model, 10 + index), "kohya", alpha=8)
+        s3.put_object(Bucket="cached-loras", Key=f"{name}.safetensors", Body=path.read_bytes())
+        sizes.append(path.stat().st_size)
+    cached = settings.model_copy(update={
+        "lora_buckets": ["cached-loras"], "lora_dir": None, "cache_dir": tmp_path / "cache",
+        "lora_disk_cache_bytes": sizes[0] + sizes[1] + sizes[2] // 2, "lora_cache_size": 1,
+        "s3_endpoint_url": stack.s3.endpoint})
+    run = Runner(load_model(cached), plugins, cached, tmp_path).run
+
+    def uses() -> dict[str, float]:
+        return {source: metrics.ADAPTER_USES.labels(source)._value.get() for source in ("s3", "disk")}
+
+    sources = []
+    for name in ("one", "two", "one", "three", "one", "two"):  # memory holds one: each job loads its adapter
+        before = uses()
+        run(adapters=[{"ref": name}])
+        sources.append(next(source for source, count in uses().items() if count > before[source]))
+    # "two" was the least recently used when "three" needed room; "three" when "two" came back
+    assert sources == ["s3", "s3", "disk", "s3", "disk", "s3"]
+    files = list((tmp_path / "cache" / "adapters").glob("*.safetensors"))
+    assert len(files) == 2 and sum(path.stat().st_size for path in files) <= cached.lora_disk_cache_bytes
 
 
 def test_a_plugin_supplies_a_jobs_adapters_in_its_preprocess_hook(lora_runner, runner):
@@ -464,6 +502,7 @@ def test_interleaved_jobs_each_give_what_they_give_alone_on_a_fresh_worker(stack
     assert 'inpaint_adapter_uses_total{source="memory"}' in metrics
     # style-b was downloaded from S3 by the first fresh worker: this one found it in the shared disk cache
     assert re.search(r'inpaint_adapter_uses_total\{source="disk"\} [1-9]', metrics)
+    assert not re.search(r'inpaint_adapter_uses_total\{source="s3"\} [1-9]', metrics)
     assert len(list((Path(queue_library["INPAINT_CACHE_DIR"]) / "adapters").glob("*.safetensors"))) == 1
     assert re.search(r"inpaint_adapter_load_seconds_count [1-9]", metrics)
 

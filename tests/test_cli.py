@@ -79,6 +79,7 @@ def test_run_refuses_a_request_file_that_is_not_a_json_object(tiny_model_dir, tm
     assert error["field"] == "--request" and "JSON list" in error["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("text", "words"), [
     ('{"prompt": "a red barn", "prompt": "a blue barn"}', "'prompt' twice"),  # json alone takes the last silently
     ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep"),  # was a traceback from the reader
@@ -92,6 +93,7 @@ def test_run_refuses_a_request_file_with_a_key_twice_or_nested_past_reading(tiny
     assert error["field"] == "--request" and words in error["message"], error
 
 
+@pytest.mark.slow
 def test_run_refuses_a_device_as_an_image_without_reading_it(tiny_model_dir, tmp_path):
     box_mask().save(tmp_path / "mask.png")
     done = cli("run", "--image", "/dev/zero", "--mask", str(tmp_path / "mask.png"), "--prompt", "x",

@@ -159,6 +159,7 @@ def test_a_broker_that_stalls_mid_send_fails_submit_within_one_timeout_and_a_ret
         backend.stop()
 
 
+@pytest.mark.slow
 def test_importing_the_client_reads_no_setting_so_explicit_settings_work(tmp_path):
     # a worker-only combination that Settings() refuses (deadline over the visibility timeout) in the environment
     code = ("from worker.client import InpaintClient\n"

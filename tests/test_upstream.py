@@ -60,6 +60,7 @@ def test_a_bound_call_keeps_upstreams_parameters(model):
     assert parameters["strength"].default == 0.6 and "callback_on_step_end_tensor_inputs" in parameters
 
 
+@pytest.mark.slow
 def test_run_reads_a_request_files_relative_paths_from_the_files_folder(tiny_model_dir, tmp_path):
     import json
     import subprocess

@@ -228,7 +228,7 @@ class Adapters:
             if path.is_file():
                 stat = path.stat()
                 self.check_size(stat.st_size, name, field)
-                return ("file", str(path), stat.st_mtime_ns, stat.st_size), stat.st_size, lambda: (path, "disk")
+                return ("file", str(path), stat.st_mtime_ns, stat.st_size), stat.st_size, lambda: (path, "library")
         for entry in settings.lora_buckets:
             bucket, _, prefix = entry.partition("/")
             key = f"{prefix.strip('/')}/{name}{SUFFIX}".lstrip("/")

@@ -24,8 +24,8 @@ STEP_SECONDS = Histogram("inpaint_step_seconds", "Seconds per denoising step (a 
                          buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5))
 MODEL_LOAD_SECONDS = Gauge("inpaint_model_load_seconds", "Time the worker took to load its pipeline")
 ADAPTER_USES = Counter("inpaint_adapter_uses_total", "Adapters jobs applied, by where each came from: memory (a cache "
-                       "hit), disk (read from the library's folder or the disk cache), s3 (downloaded first)",
-                       ["source"])
+                       "hit), library (read from the library's folder), disk (the disk cache of S3 adapters), s3 "
+                       "(downloaded first)", ["source"])
 ADAPTER_LOAD_SECONDS = Histogram("inpaint_adapter_load_seconds", "Time to load an adapter that was not in memory "
                                  "(download, read, check, move to the device)",
                                  buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300))
