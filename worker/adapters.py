@@ -210,7 +210,11 @@ class Adapters:
             return self.loaded[key]
         started = time.monotonic()
         path, source = fetch()
-        adapter = read_adapter(path, name, field, key, self.slots)
+        try:
+            adapter = read_adapter(path, name, field, key, self.slots)
+        except FileNotFoundError:  # another worker of this host made room in the shared disk cache just now
+            path, source = fetch()
+            adapter = read_adapter(path, name, field, key, self.slots)
         self.loaded[key] = adapter
         while len(self.loaded) > self.settings.lora_cache_size:
             self.loaded.popitem(last=False)
@@ -289,13 +293,22 @@ class Adapters:
         return path, "s3"
 
     def make_room(self, size: int) -> None:
-        """Remove the least recently used files until `size` more bytes fit INPAINT_LORA_DISK_CACHE_BYTES."""
-        files = sorted((p for p in self.disk.glob(f"*{SUFFIX}") if p.is_file()), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        while files and total + size > self.settings.lora_disk_cache_bytes:
-            oldest = files.pop(0)
-            total -= oldest.stat().st_size
-            oldest.unlink(missing_ok=True)
+        """Remove the least recently used files until `size` more bytes fit INPAINT_LORA_DISK_CACHE_BYTES. The
+        workers of a host share the folder: a file another one removed meanwhile is passed over."""
+        files = []
+        for path in self.disk.glob(f"*{SUFFIX}"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        files.sort()
+        total = sum(size for _, size, _ in files)
+        for _, file_size, path in files:
+            if total + size <= self.settings.lora_disk_cache_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= file_size
 
 
 def read_adapter(path: Path, name: str, field: str, key: tuple, slots: Slots) -> Adapter:
