@@ -178,6 +178,75 @@ def test_cancel_a_running_job_from_the_page(page, phone_photo, tmp_path, client)
     assert (status.progress is None) and status.result is None
 
 
+def test_a_queued_job_shows_its_place_and_cancels_before_it_starts(page, phone_photo, tmp_path, client, stack):
+    """The stack's one worker is busy with another job: the page's job waits at position 1, and Cancel while it
+    waits means it never starts."""
+    from tests.support import job_request, wait_for_step
+
+    busy = client.submit(job_request(stack, num_inference_steps=40, strength=1.0, plugins=SLOW_STEPS))
+    try:
+        wait_for_step(client, busy, 1)
+        start_job(page, phone_photo, num_inference_steps=4)
+        page.locator("#submit").click()
+        expect(page.locator("#job-state")).to_contain_text("Queued: 1 of")
+        expect(page.locator("#job-facts")).to_contain_text("Queue position1")
+        shot(page, tmp_path, "queued")
+        page.locator("#cancel").click()
+        expect(page.locator("#job-state")).to_have_text("Cancelled: the job will not start.")
+    finally:
+        client.cancel(busy)
+    expect(page.locator("#job-state")).to_have_text("Cancelled.")  # a worker reached it, and did not start it
+    status = client.status(page.evaluate("() => current.id"))
+    assert status.state == "FAILURE" and status.error["code"] == "cancelled" and status.progress is None, status
+    assert client.wait(busy, timeout=60).error["code"] == "cancelled"
+
+
+def test_the_backend_away_is_said_in_a_banner_and_the_photo_and_settings_are_kept(browser, stack, phone_photo,
+                                                                                  tmp_path):
+    """A backend of its own, stopped once the page is loaded and painted: submitting says so in a banner; nothing
+    the user did is lost."""
+    from worker.stack import PageServer
+
+    server = PageServer(stack.env(), tmp_path / "page").start()
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(server.url)
+        expect(page.locator("#f-prompt")).to_be_visible()
+        start_job(page, phone_photo)
+        server.stop()
+        page.locator("#submit").click()
+        expect(page.locator("#banner")).to_be_visible()
+        expect(page.locator("#banner-text")).to_contain_text("The backend cannot be reached")
+        expect(page.locator("#f-prompt")).to_have_value("a bowl of ripe oranges")
+        assert page.evaluate("() => strokes.length") == 2  # the mask is kept
+        expect(page.locator("#job")).to_be_hidden()
+        shot(page, tmp_path, "backend-away")
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_a_12_megapixel_phone_photo_is_shown_upright_painted_and_returned_upright(page, tmp_path):
+    """What phones take: 4000x3000 stored landscape, EXIF orientation 6 (portrait). The page shows it upright, the
+    worker honours the same orientation, and the result is portrait too (at the worker's default size: the photo
+    scaled to its pixel budget)."""
+    path = tmp_path / "phone-12mp.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo(4000, 3000, seed=8).save(path, quality=85, exif=exif)
+    box = start_job(page, path, num_inference_steps=2, strength=1)
+    assert abs(box["width"] / box["height"] - 3000 / 4000) < 0.02, box
+    page.locator("#submit").click()
+    expect(page.locator("#job-state")).to_have_text("Done.")
+    page.wait_for_function("() => document.getElementById('after').naturalWidth > 0")
+    width, height = page.evaluate("() => [document.getElementById('after').naturalWidth, "
+                                  "document.getElementById('after').naturalHeight]")
+    assert abs(width / height - 3000 / 4000) < 0.02 and 1000 < width < 3000, (width, height)
+    expect(page.locator("#parameters")).to_contain_text(f"{width} × {height}")
+
+
 def test_an_invalid_value_is_explained_next_to_its_field(page, phone_photo, tmp_path):
     start_job(page, phone_photo, strength=1.5)
     page.locator("#submit").click()
