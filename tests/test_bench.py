@@ -27,3 +27,8 @@ def test_benchmark_runs_in_quick_mode(tiny_model_dir, command, expected):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert expected in done.stdout
+    if command[0] == "gpu.py":  # a variant that fails prints `failed:` and the others go on: these must not
+        for row in ("fast mode (Lightning-rank LoRA", "LoRA slots of rank 64, no adapter",
+                    "fast mode through the slots"):
+            line = next((line for line in done.stdout.splitlines() if row in line), None)
+            assert line is not None and "failed:" not in line, (row, done.stdout[-3000:])
