@@ -173,6 +173,55 @@ def test_a_frozen_worker_that_wakes_while_the_rerun_runs_leaves_the_job_recovera
     assert outputs(stack, job_id) == ["0.png", "result.json"]
 
 
+def test_one_worker_from_launch_killed_mid_job_runs_it_again_once_restarted(recovery, worker_env, run_log, tmp_path):
+    """The issue's own reproduction: one CPU worker from `inpaint-worker launch`, the default settings, SIGKILL to
+    the worker process at step 4; the launcher restarts it, and the restarted worker finds the dead one's job (its
+    lease lapsed) and runs it: no second worker, no hour-long wait for the visibility timeout."""
+    import os
+    import subprocess
+    import sys
+
+    from worker.app import make_app
+    from worker.client import InpaintClient
+
+    stack, _ = recovery
+    client = InpaintClient(make_app(stack.settings(queue="relaunch")))
+    env = {**os.environ, **stack.env(), **worker_env, "CUDA_VISIBLE_DEVICES": ""}
+    with open(tmp_path / "launch.log", "wb") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "worker.cli", "launch", "--cpu-workers", "1", "--queues",
+                                     "relaunch"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (stats := client.app.control.inspect(timeout=1).stats() or {}):
+            assert time.monotonic() < deadline and launcher.poll() is None, (tmp_path / "launch.log").read_text()
+        (node, first), = stats.items()
+        job_id = client.submit(slow_job(stack, steps=200), queue="relaunch")
+        wait_for_step(client, job_id, 4)
+        killed_at = time.monotonic()
+        os.kill(first["pid"], signal.SIGKILL)
+        while f"job {job_id}: its worker died" not in (tmp_path / "launch.log").read_text():  # the sweep
+            assert time.monotonic() - killed_at < 30, (tmp_path / "launch.log").read_text()[-3000:]
+            time.sleep(0.1)
+        requeued_s = time.monotonic() - killed_at
+        while runs(run_log, job_id)[0] < 2:  # started again
+            assert time.monotonic() - killed_at < 60, client.status(job_id)
+            time.sleep(0.1)
+        running_s = time.monotonic() - killed_at
+        status = client.wait(job_id, timeout=200 * STEP_S + 60)
+        again = client.app.control.inspect(timeout=2).stats() or {}
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+    assert status.state == "SUCCESS", status.error
+    assert again[node]["pid"] != first["pid"] and status.result.worker["node"] == node  # the restarted worker
+    assert runs(run_log, job_id) == (2, 1) and outputs(stack, job_id) == ["0.png", "result.json"]
+    print(f"\none worker from launch, SIGKILL at step 4 of 200: restarted, the job put back {requeued_s:.1f} s and "
+          f"running again {running_s:.1f} s after the kill")
+
+
 def test_a_dead_workers_job_says_it_was_requeued_and_where_it_waits_until_a_worker_takes_it(recovery, worker_env,
                                                                                             run_log):
     """Its state is `PROGRESS` at stage `requeued` with its place in the queue, not a frozen step. The sweep runs on
