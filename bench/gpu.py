@@ -280,13 +280,18 @@ def measure_fast_mode(fast, job: dict, measure) -> None:
             state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                           f"{name}.alpha": torch.tensor(8.0)})
     fast.load_lora_weights(state, adapter_name="lightning-rank")
-    no_cfg = {**{k: v for k, v in job.items() if k != "negative_prompt"}, "true_cfg_scale": 1.0}
     try:
-        with fast.scheduler_shift_as(3.0):
-            measure("fast mode (Lightning-rank LoRA, 8 steps)", fast, lossy=True, job=no_cfg, steps=8, strength=1.0,
-                    passes=1)
+        measure_fast_job("fast mode (Lightning-rank LoRA, 8 steps)", fast, job, measure)
     finally:
         fast.unload_lora_weights()
+
+
+def measure_fast_job(label: str, fast, job: dict, measure) -> None:
+    """The job as fast mode runs it: Lightning's shift-3 schedule, 8 steps at strength 1, no true CFG (one pass a
+    step). Lossy: its pixels are a distilled model's, not comparable."""
+    no_cfg = {**{k: v for k, v in job.items() if k != "negative_prompt"}, "true_cfg_scale": 1.0}
+    with fast.scheduler_shift_as(3.0):
+        measure(label, fast, lossy=True, job=no_cfg, steps=8, strength=1.0, passes=1)
 
 
 def measure_slots(fast, options, job: dict, measure, count: int = 2, rank: int = 64, compile_too: bool = True) -> None:
@@ -311,10 +316,7 @@ def measure_slots(fast, options, job: dict, measure, count: int = 2, rank: int =
             layers[name] = (torch.randn(down.shape, generator=generator).to(down) / down.shape[1] ** 0.5,
                             (torch.randn(up.shape, generator=generator) * 0.01).to(up), 8.0 / rank)
         slots.write([(SimpleNamespace(key=("bench-lightning-rank",), layers=layers), 1.0)])
-        no_cfg = {**{k: v for k, v in job.items() if k != "negative_prompt"}, "true_cfg_scale": 1.0}
-        with fast.scheduler_shift_as(3.0):
-            measure("fast mode through the slots" + (", compiled" if compile_too else ""), fast, lossy=True,
-                    job=no_cfg, steps=8, strength=1.0, passes=1)
+        measure_fast_job("fast mode through the slots" + (", compiled" if compile_too else ""), fast, job, measure)
     finally:
         if compile_too:
             options.uncompile_blocks(fast)

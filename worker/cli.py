@@ -337,13 +337,11 @@ def inline_local_file(field: str, ref: Any, max_bytes: int) -> Any:
     takes as a data: URL); URLs (data:, s3://, https://, ...) and non-strings are left to the request."""
     if not isinstance(ref, str) or URL.match(ref):
         return ref
-    import base64
-
-    from .client import content_type_of
+    from .client import content_type_of, data_url
     from .inputs import LocalFetcher
 
     data = LocalFetcher(max_bytes, max_bytes).fetch(ref, field)
-    return f"data:{content_type_of(data, Path(ref).name)};base64,{base64.b64encode(data).decode()}"
+    return data_url(data, content_type_of(data, Path(ref).name))
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -244,16 +244,15 @@ class InpaintClient:
             meta = self.app.backend.get_task_meta(job_id)
         state, info = meta["status"], meta.get("result")
         status = JobStatus(job_id=job_id, state=state)
-        if state == "PENDING":  # Celery keeps no record of queued ids: the claim of submit is the record
+        if state == "PROGRESS" and isinstance(info, dict):
+            status.progress = Progress.model_validate(info)
+        # waiting: queued, or back in its queue (at the front) after its worker died. Celery keeps no record of
+        # queued ids: the claim of submit is the record, and says which queue
+        if state == "PENDING" or (status.progress is not None and status.progress.stage == "requeued"):
             with self._reaching(self._backend_url):
                 claim = self.redis.get(submitted_key(job_id))
-            status.submitted = claim is not None
+            status.submitted = claim is not None or state != "PENDING"
             status.queue = self._place(job_id, claim)
-        elif state == "PROGRESS" and isinstance(info, dict):
-            status.progress = Progress.model_validate(info)
-            if status.progress.stage == "requeued":  # its worker died: it waits in its queue again, at the front
-                with self._reaching(self._backend_url):
-                    status.queue = self._place(job_id, self.redis.get(submitted_key(job_id)))
         elif state == "SUCCESS":
             status.result = InpaintResult.model_validate(info)
         elif state == "FAILURE":

@@ -45,13 +45,14 @@ def requeue_orphans(app: Any, now: float | None = None) -> list[str]:
                 # delivered over a lease ago: a fresh delivery's worker takes the lease at once
                 for tag in client.zrangebyscore(channel.qos.unacked_index_key, "-inf", now - LEASE_S):
                     raw = client.hget(channel.qos.unacked_key, tag)
-                    job_id = inpaint_job_id(json.loads(raw)[0]) if raw else None
+                    payload = json.loads(raw)[0] if raw else {}
+                    job_id = inpaint_job_id(payload)
                     if job_id is None or backend.exists(lease_key(job_id), waiting_copy_key(job_id)):
                         continue  # not a job, running, or a copy waiting for the worker that runs it
                     store_progress(app.backend, job_id, {"stage": "requeued"})  # before another worker starts it
                     if restore_with_new_tag(channel, client, tag):
                         requeued.append(job_id)
-                        mark_waiting(backend, *queue_and_priority(json.loads(raw)[0]), job_id, front=True)
+                        mark_waiting(backend, *queue_and_priority(payload), job_id, front=True)
         except MutexHeld:  # another worker (or kombu's own restore) is sweeping now
             return []
     for job_id in requeued:
